@@ -1,0 +1,1 @@
+//! The kubernetes-mig checkpoint format.

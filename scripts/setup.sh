@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Sets up a fresh Debian 12 machine for kubernetes-mig and builds the project.
+#
+# Idempotent: run it as often as you like. It installs exactly what the project needs:
+#   - containerd 2.x from Debian sid (bookworm's 1.6 lacks the task API v3 our shim serves),
+#   - runc and iptables from bookworm (CRIU locks the network with iptables-restore),
+#   - CRIU 4.2 from Debian sid, unpacked into a private prefix with its own libc so the system's
+#     libc stays bookworm's (older CRIUs cannot dump TCP sockets on this kernel),
+#   - busybox-static (test images are built from it), zstd, iproute2,
+# then builds the workspace in release mode and installs the shim and the restore-hook.
+set -euo pipefail
+
+PREFIX=${MIG_PREFIX:-/opt/kubernetes-mig}
+BIN_DIR=${MIG_BIN_DIR:-/usr/local/bin}
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export DEBIAN_FRONTEND=noninteractive
+
+say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "setup.sh: run as root (it installs packages and the shim into $BIN_DIR)" >&2
+    exit 1
+fi
+
+# --- Debian sid as a low-priority source: only what we ask for by name comes from it. ---------
+if [ ! -f /etc/apt/sources.list.d/kubernetes-mig-sid.sources ]; then
+    say "adding Debian sid as a pinned (priority 100) apt source"
+    cat >/etc/apt/sources.list.d/kubernetes-mig-sid.sources <<'SRC'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: sid
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+    cat >/etc/apt/preferences.d/kubernetes-mig-sid <<'PIN'
+Package: *
+Pin: release a=unstable
+Pin-Priority: 100
+PIN
+fi
+if ! apt-cache policy containerd 2>/dev/null | grep -q '/debian sid/'; then
+    say "apt-get update"
+    apt-get update -qq
+fi
+
+need=()
+for pkg in runc iptables busybox-static zstd iproute2 libc6-dev; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+    say "installing from bookworm: ${need[*]}"
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+if ! command -v containerd >/dev/null || ! containerd --version | grep -qE ' v?2\.'; then
+    say "installing containerd 2.x from sid"
+    apt-get install -y -qq --no-install-recommends -t sid containerd >/dev/null
+fi
+# The packaged service would start a system containerd; the project's tests and demo run their
+# own instances, so leave the system one as the administrator configured it.
+
+# --- CRIU 4.2 in a private prefix ----------------------------------------------------------------
+CRIU_DIR=$PREFIX/criu
+CRIU_PKGS="criu libcompel1 libbsd0 libc6 libc-gconv-modules-extra gcc-16-base libgcc-s1 libffi8 libgmp10
+ libgnutls30t64 libhogweed6t64 libidn2-0 libjansson4 libmd0 libmnl0 libnet9 libnettle8t64 libnftables1
+ libnftnl11 libnl-3-200 libp11-kit0 libprotobuf-c1 libtasn1-6 libunistring5 libuuid1 libxtables12"
+if [ ! -x "$CRIU_DIR/usr/sbin/criu" ]; then
+    say "unpacking CRIU 4.2 and its libraries from sid into $CRIU_DIR"
+    tmp=$(mktemp -d)
+    chmod 755 "$tmp" # apt downloads as the _apt user
+    (cd "$tmp" && for p in $CRIU_PKGS; do apt-get download -qq "$p/sid" >/dev/null; done)
+    mkdir -p "$CRIU_DIR.new"
+    for deb in "$tmp"/*.deb; do dpkg-deb -x "$deb" "$CRIU_DIR.new"; done
+    rm -rf "$tmp" "$CRIU_DIR"
+    mv "$CRIU_DIR.new" "$CRIU_DIR"
+fi
+# runc only needs a `criu` on PATH: this wrapper runs sid's binary with sid's loader and libraries,
+# passed on the loader's command line so that nothing CRIU starts (iptables-restore) inherits them.
+cat >"$BIN_DIR/criu.new" <<WRAP
+#!/bin/sh
+L=$CRIU_DIR
+exec "\$L/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2" --library-path "\$L/usr/lib/x86_64-linux-gnu:\$L/lib/x86_64-linux-gnu" "\$L/usr/sbin/criu" "\$@"
+WRAP
+chmod 755 "$BIN_DIR/criu.new"
+mv "$BIN_DIR/criu.new" "$BIN_DIR/criu"
+criu_version=$("$BIN_DIR/criu" --version | head -n1)
+if ! criu check >/dev/null 2>&1; then
+    echo "setup.sh: 'criu check' fails on this kernel; checkpoint tests will fail:" >&2
+    criu check >&2 || true
+fi
+
+# --- build and install --------------------------------------------------------------------------
+say "building the workspace (release)"
+(cd "$ROOT" && cargo build --release --locked --workspace --quiet)
+install -m 755 "$ROOT/target/release/containerd-shim-mig-v2" "$BIN_DIR/containerd-shim-mig-v2"
+if [ -x "$ROOT/target/release/mig-restore-hook" ]; then
+    install -d "$PREFIX/bin"
+    install -m 755 "$ROOT/target/release/mig-restore-hook" "$PREFIX/bin/mig-restore-hook"
+fi
+if [ -x "$ROOT/target/release/mig-server" ]; then
+    install -m 755 "$ROOT/target/release/mig-server" "$BIN_DIR/mig-server"
+fi
+
+say "ready:"
+say "  $(containerd --version)"
+say "  $(runc --version | head -n1)"
+say "  $criu_version (wrapper $BIN_DIR/criu -> $CRIU_DIR)"
+say "  $("$BIN_DIR/containerd-shim-mig-v2" -v | head -n1) at $BIN_DIR/containerd-shim-mig-v2"

@@ -1,0 +1,1 @@
+//! containerd-shim-mig-v2.

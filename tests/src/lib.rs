@@ -1,0 +1,1 @@
+//! Harness for the end-to-end tests: private containerd instances, test images, ctr.
