@@ -1,0 +1,292 @@
+//! [`CheckpointWriter`]: builds a checkpoint in a temporary directory and installs it atomically.
+
+use std::collections::BTreeSet;
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::archive;
+use crate::checkpoint::{Checkpoint, payload_files};
+use crate::error::{Error, Result, io_err};
+use crate::identity::WorkloadIdentity;
+use crate::manifest::{
+    EngineInfo, FORMAT_VERSION, FileEntry, IMAGES_DIR, MANIFEST_FILE, Manifest, PAYLOAD_DIRS,
+    ROOTFS_DIR, UPPER_LAYER_FILE, VOLUMES_DIR, sha256_file,
+};
+use crate::name::SafeName;
+use crate::store::Store;
+use crate::sys;
+
+/// A checkpoint being written. Dropping it without committing deletes everything written.
+#[derive(Debug)]
+pub struct CheckpointWriter {
+    store: Store,
+    identity: WorkloadIdentity,
+    key: SafeName,
+    tmp: PathBuf,
+    final_path: PathBuf,
+    installed: bool,
+}
+
+impl CheckpointWriter {
+    pub(crate) fn new(store: &Store, identity: WorkloadIdentity) -> Result<Self> {
+        let key = identity.safe_key();
+        // The temp directory lives in the store root so the final rename stays on one
+        // filesystem and is atomic.
+        let tmp = store.hidden_path(".tmp-", &key);
+        private_dir(&tmp)?;
+        Ok(Self {
+            store: store.clone(),
+            final_path: store.path_for(&identity),
+            identity,
+            key,
+            tmp,
+            installed: false,
+        })
+    }
+
+    /// The temporary checkpoint directory. A receiver writes streamed files (and
+    /// `manifest.json`) here before calling [`CheckpointWriter::commit_received`].
+    pub fn dir(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// The workload this checkpoint is for.
+    pub fn identity(&self) -> &WorkloadIdentity {
+        &self.identity
+    }
+
+    /// The directory (created on first call, mode 0700) the engine writes its images into.
+    pub fn images_dir(&self) -> Result<PathBuf> {
+        self.payload_dir(IMAGES_DIR)
+    }
+
+    /// Packs the container's overlay upper directory into `rootfs/upper.tar`
+    /// (see [`archive::pack_tree`]).
+    pub fn add_upper_layer(&mut self, upper_dir: &Path) -> Result<()> {
+        self.payload_dir(ROOTFS_DIR)?;
+        self.pack_new(upper_dir, &self.tmp.join(UPPER_LAYER_FILE))
+    }
+
+    /// Packs the content of the pod's local volume `name` into `volumes/<name>.tar`.
+    pub fn add_volume(&mut self, name: &SafeName, dir: &Path) -> Result<()> {
+        let volumes = self.payload_dir(VOLUMES_DIR)?;
+        self.pack_new(dir, &volumes.join(format!("{name}.tar")))
+    }
+
+    fn pack_new(&self, src: &Path, archive_path: &Path) -> Result<()> {
+        if archive_path.symlink_metadata().is_ok() {
+            return Err(Error::AlreadyAdded {
+                path: archive_path.to_path_buf(),
+            });
+        }
+        archive::pack_tree(src, archive_path)
+    }
+
+    fn payload_dir(&self, name: &str) -> Result<PathBuf> {
+        let dir = self.tmp.join(name);
+        match private_dir(&dir) {
+            Err(Error::Io { source, .. }) if source.kind() == io::ErrorKind::AlreadyExists => {}
+            other => other?,
+        }
+        Ok(dir)
+    }
+
+    /// Hashes every file, writes the manifest and installs the checkpoint as the workload's
+    /// current one, atomically replacing any previous checkpoint.
+    ///
+    /// Files and directories are made root-owned (when running as root) with modes 0600 and
+    /// 0700 whatever the engine created them with, and are fsynced before the rename, so that
+    /// after a crash the store holds either the old or the new complete checkpoint.
+    pub fn commit(mut self, engine: EngineInfo, image: &str) -> Result<Checkpoint> {
+        let mut files = Vec::new();
+        let mut dirs = BTreeSet::new();
+        for (path, _) in payload_files(&self.tmp)? {
+            let full = self.tmp.join(&path);
+            make_private(&full, 0o600)?;
+            let (size, sha256) = sha256_file(&full)?;
+            sync(&full)?;
+            dirs.extend(
+                Path::new(&path)
+                    .ancestors()
+                    .skip(1)
+                    .filter(|d| !d.as_os_str().is_empty())
+                    .map(Path::to_path_buf),
+            );
+            files.push(FileEntry { path, size, sha256 });
+        }
+        let manifest = Manifest {
+            format_version: FORMAT_VERSION,
+            engine,
+            identity: self.identity.clone(),
+            image: image.to_owned(),
+            created_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or_default(),
+            files,
+        };
+        let manifest_path = self.tmp.join(MANIFEST_FILE);
+        let mut out = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&manifest_path)
+            .map_err(io_err("create", &manifest_path))?;
+        out.write_all(&manifest.to_json(&self.tmp)?)
+            .and_then(|()| out.sync_all())
+            .map_err(io_err("write", &manifest_path))?;
+        make_private(&manifest_path, 0o600)?;
+        self.finish(dirs)
+    }
+
+    /// Installs a checkpoint received into [`CheckpointWriter::dir`] (manifest and files, e.g.
+    /// streamed from another node) after checking that it is for this writer's workload and
+    /// passes [`Checkpoint::verify`].
+    pub fn commit_received(mut self) -> Result<Checkpoint> {
+        let received = Checkpoint::open(&self.tmp)?;
+        if received.identity() != &self.identity {
+            return Err(Error::IdentityMismatch {
+                dir: self.tmp.clone(),
+                found: Box::new(received.identity().clone()),
+                expected: Box::new(self.identity.clone()),
+            });
+        }
+        received.verify()?;
+        let mut dirs = BTreeSet::new();
+        for file in received.files() {
+            let full = self.tmp.join(&file.path);
+            make_private(&full, 0o600)?;
+            sync(&full)?;
+            dirs.extend(
+                Path::new(&file.path)
+                    .ancestors()
+                    .skip(1)
+                    .filter(|d| !d.as_os_str().is_empty())
+                    .map(Path::to_path_buf),
+            );
+        }
+        make_private(&self.tmp.join(MANIFEST_FILE), 0o600)?;
+        sync(&self.tmp.join(MANIFEST_FILE))?;
+        self.finish(dirs)
+    }
+
+    /// Makes the directories private and durable, then renames the checkpoint into place.
+    fn finish(&mut self, mut dirs: BTreeSet<PathBuf>) -> Result<Checkpoint> {
+        dirs.extend(
+            PAYLOAD_DIRS
+                .iter()
+                .map(PathBuf::from)
+                .filter(|d| self.tmp.join(d).is_dir()),
+        );
+        // Deepest first, so a parent's fsync follows its children's.
+        for dir in dirs.iter().rev() {
+            let full = self.tmp.join(dir);
+            make_private(&full, 0o700)?;
+            sync(&full)?;
+        }
+        make_private(&self.tmp, 0o700)?;
+        sync(&self.tmp)?;
+        self.install()?;
+        sync(self.store.root())?;
+        Checkpoint::open(&self.final_path)
+    }
+
+    /// Renames the temp directory to the final path. An existing checkpoint is swapped out
+    /// atomically with `RENAME_EXCHANGE`, so there is no moment without a checkpoint; where
+    /// the filesystem lacks `renameat2` flags the old one is renamed away first.
+    fn install(&mut self) -> Result<()> {
+        // A concurrent remover can delete the old checkpoint between our two attempts; a
+        // couple of retries settle that.
+        for _ in 0..3 {
+            match sys::rename_noreplace(&self.tmp, &self.final_path) {
+                Ok(()) => {
+                    self.installed = true;
+                    return Ok(());
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) if sys::rename_flags_unsupported(&e) => return self.install_by_rename(),
+                Err(e) => return Err(io_err("rename", &self.tmp)(e)),
+            }
+            match sys::rename_exchange(&self.tmp, &self.final_path) {
+                Ok(()) => {
+                    self.installed = true;
+                    // The temp path now holds the previous checkpoint.
+                    discard(&self.tmp);
+                    return Ok(());
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) if sys::rename_flags_unsupported(&e) => return self.install_by_rename(),
+                Err(e) => return Err(io_err("exchange", &self.tmp)(e)),
+            }
+        }
+        Err(io_err("rename", &self.tmp)(io::Error::other(
+            "the checkpoint kept being replaced concurrently",
+        )))
+    }
+
+    fn install_by_rename(&mut self) -> Result<()> {
+        let old = self.store.hidden_path(".old-", &self.key);
+        let had_old = match fs::rename(&self.final_path, &old) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => return Err(io_err("rename", &self.final_path)(e)),
+        };
+        if let Err(e) = fs::rename(&self.tmp, &self.final_path) {
+            if had_old {
+                // Best effort to leave the store as we found it; the error reported is the
+                // original one.
+                let _ = fs::rename(&old, &self.final_path);
+            }
+            return Err(io_err("rename", &self.tmp)(e));
+        }
+        self.installed = true;
+        if had_old {
+            discard(&old);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for CheckpointWriter {
+    fn drop(&mut self) {
+        if !self.installed {
+            discard(&self.tmp);
+        }
+    }
+}
+
+/// Deletes a directory that is no longer needed. Failure is logged, not returned: the
+/// operation that made it unneeded has already succeeded, and [`Store::remove_stale`] cleans
+/// up what is left.
+fn discard(dir: &Path) {
+    match fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            tracing::warn!(path = %dir.display(), error = %e, "could not remove checkpoint directory");
+        }
+        _ => {}
+    }
+}
+
+fn private_dir(dir: &Path) -> Result<()> {
+    DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
+        .map_err(io_err("create directory", dir))
+}
+
+/// Sets `mode` and, as root, root ownership: checkpoints hold process memory.
+fn make_private(path: &Path, mode: u32) -> Result<()> {
+    if sys::is_root() {
+        std::os::unix::fs::lchown(path, Some(0), Some(0)).map_err(io_err("chown", path))?;
+    }
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io_err("chmod", path))
+}
+
+fn sync(path: &Path) -> Result<()> {
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err("fsync", path))
+}

@@ -1,0 +1,488 @@
+//! Writing, verifying, replacing and consuming checkpoints.
+
+mod common;
+
+use std::fs::{self, OpenOptions};
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use mig_checkpoint::{
+    Checkpoint, Corruption, EngineInfo, Error, SafeName, Store, WorkloadIdentity, sha256_file,
+};
+use tempfile::TempDir;
+
+struct Fixture {
+    tmp: TempDir,
+    store: Store,
+    identity: WorkloadIdentity,
+    engine: EngineInfo,
+    upper: PathBuf,
+    volume: PathBuf,
+}
+
+fn fixture() -> Fixture {
+    let tmp = TempDir::new().unwrap();
+    let store = Store::open(tmp.path().join("state/checkpoints")).unwrap();
+    let upper = tmp.path().join("upper");
+    fs::create_dir_all(upper.join("etc")).unwrap();
+    fs::write(upper.join("etc/app.conf"), b"mode=fast\n").unwrap();
+    let volume = tmp.path().join("volume");
+    fs::create_dir(&volume).unwrap();
+    fs::write(volume.join("dump.rdb"), vec![7u8; 5000]).unwrap();
+    Fixture {
+        tmp,
+        store,
+        identity: WorkloadIdentity::kubernetes("default", "redis", "redis").unwrap(),
+        engine: EngineInfo::new("criu", "4.2.1"),
+        upper,
+        volume,
+    }
+}
+
+fn write_checkpoint(f: &Fixture, image: &str) -> Checkpoint {
+    let mut writer = f.store.begin(&f.identity).unwrap();
+    let images = writer.images_dir().unwrap();
+    fs::write(images.join("pages-1.img"), vec![0xabu8; 10_000]).unwrap();
+    fs::write(images.join("inventory.img"), b"inventory").unwrap();
+    // Engines create files with their own modes; the commit must tighten them.
+    fs::set_permissions(
+        images.join("inventory.img"),
+        fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    writer.add_upper_layer(&f.upper).unwrap();
+    writer
+        .add_volume(&SafeName::new("data").unwrap(), &f.volume)
+        .unwrap();
+    writer.commit(f.engine.clone(), image).unwrap()
+}
+
+fn hidden_entries(root: &Path) -> Vec<String> {
+    fs::read_dir(root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect()
+}
+
+fn corruption(err: Error) -> (String, Corruption) {
+    match err {
+        Error::Corrupt { file, problem, .. } => (file, problem),
+        other => panic!("expected a corruption error, got {other}"),
+    }
+}
+
+#[test]
+fn round_trip_writes_verifies_and_reads_the_manifest() {
+    let f = fixture();
+    let checkpoint = write_checkpoint(&f, "docker.io/library/redis:7");
+    assert_eq!(checkpoint.dir(), f.store.path_for(&f.identity));
+    assert!(checkpoint.dir().ends_with("k8s_default_redis_redis"));
+    checkpoint.verify_for_restore(&f.engine).unwrap();
+
+    let reopened = Checkpoint::open(checkpoint.dir()).unwrap();
+    let manifest = reopened.manifest();
+    assert_eq!(manifest, checkpoint.manifest());
+    assert_eq!(manifest.format_version, mig_checkpoint::FORMAT_VERSION);
+    assert_eq!(manifest.engine, f.engine);
+    assert_eq!(manifest.identity, f.identity);
+    assert_eq!(manifest.image, "docker.io/library/redis:7");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(now.abs_diff(manifest.created_unix) < 60);
+    let paths: Vec<&str> = manifest.files.iter().map(|f| f.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "images/inventory.img",
+            "images/pages-1.img",
+            "rootfs/upper.tar",
+            "volumes/data.tar"
+        ]
+    );
+    for file in &manifest.files {
+        let (size, sha) = sha256_file(&reopened.dir().join(&file.path)).unwrap();
+        assert_eq!((size, sha.as_str()), (file.size, file.sha256.as_str()));
+    }
+    assert_eq!(
+        reopened.upper_layer(),
+        Some(reopened.dir().join("rootfs/upper.tar"))
+    );
+    assert_eq!(
+        reopened.volumes(),
+        vec![(
+            SafeName::new("data").unwrap(),
+            reopened.dir().join("volumes/data.tar")
+        )]
+    );
+    assert_eq!(reopened.images_dir(), reopened.dir().join("images"));
+
+    let pending = f
+        .store
+        .pending(&f.identity)
+        .unwrap()
+        .expect("pending checkpoint");
+    assert_eq!(pending.manifest(), manifest);
+    assert!(
+        hidden_entries(f.store.root()).is_empty(),
+        "temp dirs left behind"
+    );
+
+    // The archives unpack to what was packed.
+    let out = f.tmp.path().join("restored-volume");
+    mig_checkpoint::unpack_tree(&reopened.dir().join("volumes/data.tar"), &out).unwrap();
+    assert_eq!(fs::read(out.join("dump.rdb")).unwrap(), vec![7u8; 5000]);
+}
+
+#[test]
+fn written_checkpoint_is_private() {
+    let f = fixture();
+    let checkpoint = write_checkpoint(&f, "img");
+    let mut seen = 0;
+    let mut stack = vec![checkpoint.dir().to_path_buf()];
+    while let Some(path) = stack.pop() {
+        let meta = fs::symlink_metadata(&path).unwrap();
+        let mode = meta.mode() & 0o7777;
+        if meta.is_dir() {
+            assert_eq!(mode, 0o700, "{}", path.display());
+            stack.extend(fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+        } else {
+            assert!(meta.is_file(), "{}", path.display());
+            assert_eq!(mode, 0o600, "{}", path.display());
+            seen += 1;
+        }
+        if common::is_root() {
+            assert_eq!((meta.uid(), meta.gid()), (0, 0), "{}", path.display());
+        }
+    }
+    assert_eq!(seen, 5, "four payload files and the manifest");
+    let root_mode = fs::metadata(f.store.root()).unwrap().mode() & 0o777;
+    assert_eq!(root_mode, 0o700);
+}
+
+#[test]
+fn tampered_file_is_rejected_with_both_digests() {
+    let f = fixture();
+    let checkpoint = write_checkpoint(&f, "img");
+    let path = checkpoint.dir().join("images/pages-1.img");
+    let mut file = OpenOptions::new().write(true).open(&path).unwrap();
+    file.seek(SeekFrom::Start(4321)).unwrap();
+    file.write_all(&[0xac]).unwrap();
+    drop(file);
+
+    let err = checkpoint.verify_for_restore(&f.engine).unwrap_err();
+    let message = err.to_string();
+    let listed = checkpoint
+        .manifest()
+        .file("images/pages-1.img")
+        .unwrap()
+        .sha256
+        .clone();
+    let (file, problem) = corruption(err);
+    assert_eq!(file, "images/pages-1.img");
+    let Corruption::Sha256Mismatch {
+        manifest,
+        file: actual,
+    } = problem
+    else {
+        panic!("expected a sha256 mismatch, got {problem}");
+    };
+    assert_eq!(manifest, listed);
+    assert_ne!(actual, listed);
+    assert!(
+        message.contains(&format!(
+            "images/pages-1.img: sha256 mismatch (manifest {listed}, file {actual})"
+        )),
+        "{message}"
+    );
+}
+
+#[test]
+fn truncated_file_is_rejected() {
+    let f = fixture();
+    let checkpoint = write_checkpoint(&f, "img");
+    let path = checkpoint.dir().join("rootfs/upper.tar");
+    let size = fs::metadata(&path).unwrap().len();
+    OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(size / 2)
+        .unwrap();
+    let err = checkpoint.verify().unwrap_err();
+    assert!(
+        err.to_string().contains("rootfs/upper.tar: truncated"),
+        "{err}"
+    );
+    assert_eq!(
+        corruption(err),
+        (
+            "rootfs/upper.tar".to_owned(),
+            Corruption::SizeMismatch {
+                manifest: size,
+                file: size / 2
+            }
+        )
+    );
+}
+
+#[test]
+fn missing_listed_file_is_rejected() {
+    let f = fixture();
+    let checkpoint = write_checkpoint(&f, "img");
+    fs::remove_file(checkpoint.dir().join("volumes/data.tar")).unwrap();
+    let err = checkpoint.verify().unwrap_err();
+    assert_eq!(
+        corruption(err),
+        ("volumes/data.tar".to_owned(), Corruption::Missing)
+    );
+}
+
+#[test]
+fn extra_files_are_rejected() {
+    let f = fixture();
+    let checkpoint = write_checkpoint(&f, "img");
+
+    let extra = checkpoint.dir().join("images/pages-2.img");
+    fs::write(&extra, b"smuggled").unwrap();
+    let err = checkpoint.verify().unwrap_err();
+    assert!(
+        err.to_string().contains("images/pages-2.img: not listed"),
+        "{err}"
+    );
+    assert_eq!(
+        corruption(err),
+        ("images/pages-2.img".to_owned(), Corruption::Unlisted)
+    );
+    fs::remove_file(&extra).unwrap();
+
+    fs::write(checkpoint.dir().join("README"), b"top level").unwrap();
+    let err = checkpoint.verify().unwrap_err();
+    assert_eq!(corruption(err), ("README".to_owned(), Corruption::Unlisted));
+    fs::remove_file(checkpoint.dir().join("README")).unwrap();
+
+    std::os::unix::fs::symlink("/etc/shadow", checkpoint.dir().join("volumes/x.tar")).unwrap();
+    let err = checkpoint.verify().unwrap_err();
+    assert_eq!(
+        corruption(err),
+        (
+            "volumes/x.tar".to_owned(),
+            Corruption::NotARegularFile { kind: "symlink" }
+        )
+    );
+    fs::remove_file(checkpoint.dir().join("volumes/x.tar")).unwrap();
+    checkpoint.verify().unwrap();
+}
+
+#[test]
+fn missing_manifest_is_rejected() {
+    let f = fixture();
+    let checkpoint = write_checkpoint(&f, "img");
+    fs::remove_file(checkpoint.dir().join("manifest.json")).unwrap();
+    let err = Checkpoint::open(checkpoint.dir()).unwrap_err();
+    assert!(matches!(err, Error::MissingManifest { .. }), "{err}");
+    assert!(err.to_string().contains("no manifest.json"), "{err}");
+    let err = f.store.pending(&f.identity).unwrap_err();
+    assert!(matches!(err, Error::MissingManifest { .. }), "{err}");
+}
+
+#[test]
+fn wrong_engine_or_version_is_refused_naming_both() {
+    let f = fixture();
+    let checkpoint = write_checkpoint(&f, "img");
+    let err = checkpoint
+        .verify_for_restore(&EngineInfo::new("dmtcp", "4.2.0"))
+        .unwrap_err();
+    assert!(matches!(err, Error::EngineMismatch { .. }));
+    let message = err.to_string();
+    assert!(
+        message.contains("made by criu 4.2.1") && message.contains("restores with dmtcp 4.2.0"),
+        "{message}"
+    );
+    let err = checkpoint
+        .verify_for_restore(&EngineInfo::new("criu", "4.1.1"))
+        .unwrap_err();
+    assert!(err.to_string().contains("criu 4.1.1"), "{err}");
+    checkpoint.verify_for_restore(&f.engine).unwrap();
+}
+
+fn edit_manifest(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = dir.join("manifest.json");
+    let mut value: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    edit(&mut value);
+    fs::write(&path, serde_json::to_vec(&value).unwrap()).unwrap();
+}
+
+#[test]
+fn unknown_format_version_is_refused() {
+    let f = fixture();
+    let checkpoint = write_checkpoint(&f, "img");
+    edit_manifest(checkpoint.dir(), |m| {
+        m["format_version"] = 2.into();
+        m["files"] = "a future shape".into();
+    });
+    let err = Checkpoint::open(checkpoint.dir()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::UnsupportedFormat {
+                found: 2,
+                supported: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn manifest_paths_escaping_the_checkpoint_are_refused() {
+    let f = fixture();
+    let checkpoint = write_checkpoint(&f, "img");
+    for bad in [
+        "../outside",
+        "/etc/passwd",
+        "images/../../x",
+        "images",
+        "other/x",
+        "images//x",
+    ] {
+        edit_manifest(checkpoint.dir(), |m| m["files"][0]["path"] = bad.into());
+        let err = Checkpoint::open(checkpoint.dir()).unwrap_err();
+        match corruption(err) {
+            (file, Corruption::InvalidPath { .. }) => assert_eq!(file, bad),
+            other => panic!("{bad}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn new_checkpoint_replaces_the_previous_one() {
+    let f = fixture();
+    write_checkpoint(&f, "first");
+    let second = write_checkpoint(&f, "second");
+    assert_eq!(second.manifest().image, "second");
+    let pending = f.store.pending(&f.identity).unwrap().unwrap();
+    assert_eq!(pending.manifest().image, "second");
+    pending.verify().unwrap();
+    assert!(hidden_entries(f.store.root()).is_empty());
+}
+
+#[test]
+fn abandoned_writer_leaves_nothing() {
+    let f = fixture();
+    let writer = f.store.begin(&f.identity).unwrap();
+    let tmp = writer.dir().to_path_buf();
+    fs::write(writer.images_dir().unwrap().join("pages-1.img"), b"x").unwrap();
+    assert!(tmp.exists());
+    drop(writer);
+    assert!(!tmp.exists());
+    assert!(f.store.pending(&f.identity).unwrap().is_none());
+    assert!(fs::read_dir(f.store.root()).unwrap().next().is_none());
+}
+
+#[test]
+fn adding_a_part_twice_is_an_error() {
+    let f = fixture();
+    let mut writer = f.store.begin(&f.identity).unwrap();
+    writer.add_upper_layer(&f.upper).unwrap();
+    let err = writer.add_upper_layer(&f.upper).unwrap_err();
+    assert!(matches!(err, Error::AlreadyAdded { .. }), "{err}");
+}
+
+#[test]
+fn consume_deletes_and_remove_reports_presence() {
+    let f = fixture();
+    write_checkpoint(&f, "img");
+    let pending = f.store.pending(&f.identity).unwrap().unwrap();
+    f.store.consume(pending).unwrap();
+    assert!(f.store.pending(&f.identity).unwrap().is_none());
+    assert!(hidden_entries(f.store.root()).is_empty());
+
+    write_checkpoint(&f, "img");
+    assert!(f.store.remove(&f.identity).unwrap());
+    assert!(!f.store.remove(&f.identity).unwrap());
+}
+
+#[test]
+fn consume_keeps_a_newer_checkpoint() {
+    let f = fixture();
+    write_checkpoint(&f, "old");
+    let opened = f.store.pending(&f.identity).unwrap().unwrap();
+    write_checkpoint(&f, "new");
+    let err = f.store.consume(opened).unwrap_err();
+    assert!(matches!(err, Error::Replaced { .. }), "{err}");
+    let pending = f.store.pending(&f.identity).unwrap().unwrap();
+    assert_eq!(pending.manifest().image, "new");
+    pending.verify().unwrap();
+}
+
+#[test]
+fn pending_refuses_a_checkpoint_of_another_workload() {
+    let f = fixture();
+    let checkpoint = write_checkpoint(&f, "img");
+    let other = WorkloadIdentity::kubernetes("default", "postgres", "db").unwrap();
+    fs::rename(checkpoint.dir(), f.store.path_for(&other)).unwrap();
+    let err = f.store.pending(&other).unwrap_err();
+    assert!(matches!(err, Error::IdentityMismatch { .. }), "{err}");
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    for entry in fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            fs::create_dir_all(&target).unwrap();
+            copy_tree(&entry.path(), &target);
+        } else {
+            fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn received_checkpoint_is_verified_then_installed() {
+    let f = fixture();
+    let sent = write_checkpoint(&f, "img");
+    let destination = Store::open(f.tmp.path().join("node-b")).unwrap();
+
+    let writer = destination.begin(&f.identity).unwrap();
+    copy_tree(sent.dir(), writer.dir());
+    let received = writer.commit_received().unwrap();
+    assert_eq!(received.dir(), destination.path_for(&f.identity));
+    received.verify_for_restore(&f.engine).unwrap();
+
+    // A corrupted transfer is refused and nothing is installed.
+    destination.remove(&f.identity).unwrap();
+    let writer = destination.begin(&f.identity).unwrap();
+    copy_tree(sent.dir(), writer.dir());
+    fs::write(writer.dir().join("images/inventory.img"), b"inventorY").unwrap();
+    let err = writer.commit_received().unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("images/inventory.img: sha256 mismatch"),
+        "{err}"
+    );
+    assert!(destination.pending(&f.identity).unwrap().is_none());
+    assert!(fs::read_dir(destination.root()).unwrap().next().is_none());
+}
+
+#[test]
+fn stale_leftovers_are_removed() {
+    let f = fixture();
+    let writer = f.store.begin(&f.identity).unwrap();
+    let tmp = writer.dir().to_path_buf();
+    // Simulates a crash: the writer's Drop never runs.
+    std::mem::forget(writer);
+    assert_eq!(
+        f.store
+            .remove_stale(std::time::Duration::from_secs(3600))
+            .unwrap(),
+        0
+    );
+    assert_eq!(f.store.remove_stale(std::time::Duration::ZERO).unwrap(), 1);
+    assert!(!tmp.exists());
+}
