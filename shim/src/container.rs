@@ -6,6 +6,7 @@ use crate::{
     error::{Error, Result},
     process::Process,
     runc::Runtime,
+    workload::Workload,
 };
 
 /// A container and its processes. Guarded by its own lock in the service so that slow runc
@@ -25,6 +26,8 @@ pub struct Container {
     pub execs: HashMap<String, Process>,
     /// For a container created from a checkpoint: the CRIU images to restore at start.
     pub restore_from: Option<PathBuf>,
+    /// What makes it migratable; `None` for the pod's pause container.
+    pub workload: Option<Workload>,
 }
 
 impl Container {

@@ -231,9 +231,21 @@ impl DmtcpInstall {
     }
 }
 
+/// How [`DmtcpInstall::discover`] runs `dmtcp_launch --version` and `ldd`. Inside the shim's
+/// server every child is reaped by the shim library, so a plain `Command::output` can lose its
+/// exit status to it; the shim installs a runner that goes through the library's exit monitor.
+static RUNNER: std::sync::OnceLock<fn(&mut Command) -> std::io::Result<std::process::Output>> =
+    std::sync::OnceLock::new();
+
+/// Installs the command runner used by [`DmtcpInstall::discover`] (once per process).
+pub fn set_command_runner(runner: fn(&mut Command) -> std::io::Result<std::process::Output>) {
+    let _ = RUNNER.set(runner);
+}
+
 fn run(cmd: &mut Command) -> Result<std::process::Output> {
     let command = format!("{cmd:?}");
-    let out = cmd.output().map_err(|source| DmtcpError::Spawn {
+    let runner = RUNNER.get().copied().unwrap_or(Command::output);
+    let out = runner(cmd).map_err(|source| DmtcpError::Spawn {
         command: command.clone(),
         source,
     })?;

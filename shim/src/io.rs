@@ -35,13 +35,16 @@ pub struct PendingIo {
 }
 
 impl PendingIo {
-    /// Prepares stdio for a process whose stdio paths are `paths`; a console socket, when needed,
-    /// is created under `dir`.
-    pub fn prepare(paths: &Paths, dir: &Path, name: &str) -> Result<(ChildStdio, PendingIo)> {
+    /// Prepares stdio for a process whose stdio paths are `paths` (with a terminal: the socket
+    /// on which runc will hand over the pty).
+    pub fn prepare(paths: &Paths) -> Result<(ChildStdio, PendingIo)> {
         let tasks = IoTasks::default();
         if paths.terminal {
-            let socket = dir.join(format!("{name}.console.sock"));
-            let _ = std::fs::remove_file(&socket);
+            // Not in the bundle: a socket path must fit in sun_path (108 bytes), and a
+            // Kubernetes bundle path with its 64-hex container id already takes ~130.
+            let socket_dir = nix::unistd::mkdtemp("/tmp/mig-pty-XXXXXX")
+                .map_err(|e| Error::io("create the console socket dir")(e.into()))?;
+            let socket = socket_dir.join("pty.sock");
             let listener = UnixListener::bind(&socket).map_err(Error::io(format!(
                 "bind console socket {}",
                 socket.display()
@@ -90,7 +93,7 @@ impl PendingIo {
             });
         };
         let master = receive_pty(&listener).await;
-        let _ = std::fs::remove_file(&socket);
+        remove_socket(&socket);
         let console = Pty::new(std::fs::File::from(master?))
             .map_err(|e| Error::Other(format!("set up the console: {e}")))?;
         if !self.paths.stdin.is_empty() {
@@ -111,6 +114,9 @@ impl PendingIo {
 
     /// Gives up on a process that was never started.
     pub async fn abandon(self) {
+        if let Some((_, socket)) = &self.console {
+            remove_socket(socket);
+        }
         self.tasks.abort().await;
     }
 }
@@ -160,6 +166,13 @@ impl ProcessIo {
     /// Stops copying at once.
     pub async fn abort(&self) {
         self.tasks.abort().await;
+    }
+}
+
+fn remove_socket(socket: &Path) {
+    let _ = std::fs::remove_file(socket);
+    if let Some(dir) = socket.parent() {
+        let _ = std::fs::remove_dir(dir);
     }
 }
 

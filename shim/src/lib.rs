@@ -10,13 +10,16 @@ pub mod dmtcp;
 pub mod error;
 pub mod events;
 pub mod io;
+pub mod node;
 pub mod options;
+pub mod overlay;
 pub mod process;
 pub mod runc;
 pub mod service;
 pub mod shim;
 pub mod stats;
 pub mod task;
+pub mod workload;
 
 /// This build's version and git revision.
 pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "+", env!("MIG_GIT_REVISION"));

@@ -116,10 +116,43 @@ pub struct RuncCli {
 }
 
 /// A finished command: exit code and what it printed.
-struct Finished {
-    code: i32,
-    stdout: String,
-    stderr: String,
+#[derive(Debug)]
+pub struct Finished {
+    /// Exit code; 128 + signal when killed by one.
+    pub code: i32,
+    /// What it printed on stdout.
+    pub stdout: String,
+    /// What it printed on stderr.
+    pub stderr: String,
+}
+
+/// A runner for code that needs a blocking `Command::output` (DMTCP discovery) inside the
+/// shim's server, where the library's reaper would otherwise steal the exit status.
+pub fn output_through_reaper(cmd: &mut Command) -> std::io::Result<std::process::Output> {
+    use std::os::unix::process::ExitStatusExt;
+    let mut owned = Command::new(cmd.get_program());
+    owned.args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => owned.env(k, v),
+            None => owned.env_remove(k),
+        };
+    }
+    if let Some(dir) = cmd.get_current_dir() {
+        owned.current_dir(dir);
+    }
+    let handle = tokio::runtime::Handle::current();
+    let done = std::thread::scope(|s| {
+        s.spawn(|| handle.block_on(run_watched(owned, None)))
+            .join()
+            .map_err(|_| std::io::Error::other("command runner panicked"))
+    })?
+    .map_err(|e| std::io::Error::other(e.to_string()))?;
+    Ok(std::process::Output {
+        status: std::process::ExitStatus::from_raw((done.code & 0xff) << 8),
+        stdout: done.stdout.into_bytes(),
+        stderr: done.stderr.into_bytes(),
+    })
 }
 
 impl RuncCli {
@@ -156,32 +189,8 @@ impl RuncCli {
         cmd
     }
 
-    /// Runs `cmd` to completion, capturing its output. The exit status comes from the shim's
-    /// reaper (see the module docs).
-    async fn run(&self, mut cmd: Command, stdin: Option<Vec<u8>>) -> Result<Finished> {
-        cmd.stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-        let (mut child, mut sub) = spawn_watched(&mut cmd).await?;
-        if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            tokio::task::spawn_blocking(move || {
-                use std::io::Write;
-                let _ = pipe.write_all(&data);
-            });
-        }
-        let out = read_all(child.stdout.take());
-        let err = read_all(child.stderr.take());
-        let code = wait_exit(child.id() as i32, &mut sub).await;
-        let _ = monitor_unsubscribe(sub.id).await;
-        Ok(Finished {
-            code,
-            stdout: out.await.unwrap_or_default(),
-            stderr: err.await.unwrap_or_default(),
-        })
+    async fn run(&self, cmd: Command, stdin: Option<Vec<u8>>) -> Result<Finished> {
+        run_watched(cmd, stdin).await
     }
 
     /// Runs a runc sub-command that reports through stdout/stderr; an error carries runc's
@@ -450,6 +459,34 @@ impl Runtime for RuncCli {
             })?;
         read_pid(&pid_file)
     }
+}
+
+/// Runs `cmd` to completion, capturing its output. The exit status comes from the shim's
+/// reaper (see the module docs).
+pub async fn run_watched(mut cmd: Command, stdin: Option<Vec<u8>>) -> Result<Finished> {
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let (mut child, mut sub) = spawn_watched(&mut cmd).await?;
+    if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            let _ = pipe.write_all(&data);
+        });
+    }
+    let out = read_all(child.stdout.take());
+    let err = read_all(child.stderr.take());
+    let code = wait_exit(child.id() as i32, &mut sub).await;
+    let _ = monitor_unsubscribe(sub.id).await;
+    Ok(Finished {
+        code,
+        stdout: out.await.unwrap_or_default(),
+        stderr: err.await.unwrap_or_default(),
+    })
 }
 
 /// Spawns `cmd` with the exit monitor already listening for it.

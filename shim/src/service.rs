@@ -34,10 +34,13 @@ use crate::{
     error::{Error, Result},
     events::EventSink,
     io::PendingIo,
+    node::{EngineKind, NodeConfig},
     options::RuntimeOptions,
+    overlay,
     process::{self, Exit, Process, Status},
     runc::{CheckpointOpts, Runtime},
     stats,
+    workload::{self, Workload},
 };
 
 /// Makes the runc for a container from its runtime options. The real one builds a
@@ -101,6 +104,7 @@ pub struct Service {
     pids: Mutex<PidIndex>,
     events: EventSink,
     exit: Arc<ExitSignal>,
+    namespace: String,
 }
 
 impl Service {
@@ -110,6 +114,7 @@ impl Service {
         factory: Box<dyn RuntimeFactory>,
         events: EventSink,
         exit: Arc<ExitSignal>,
+        namespace: &str,
     ) -> Arc<Self> {
         Arc::new(Self {
             factory,
@@ -117,6 +122,7 @@ impl Service {
             pids: Mutex::new(PidIndex::default()),
             events,
             exit,
+            namespace: namespace.to_string(),
         })
     }
 
@@ -218,18 +224,64 @@ impl Service {
             "write {}",
             bundle.join(OPTIONS_FILE).display()
         )))?;
-        let rootfs = mount_rootfs(&req.rootfs, &bundle).await?;
+        let mut spec = load_spec(&bundle)?;
+        let mut workload = match &spec {
+            Some(s) if !workload::is_sandbox(s) => {
+                Some(self.prepare_workload(req, &options, s, &bundle).await?)
+            }
+            _ => None,
+        };
+        let rootfs = match workload.as_ref().and_then(|w| w.rootfs.as_ref()) {
+            Some(overlay) => {
+                let w = workload.as_ref().expect("checked above");
+                w.unpack_pending().await?;
+                overlay.mount(&req.rootfs, &bundle).await?;
+                None
+            }
+            None => mount_rootfs(&req.rootfs, &bundle).await?,
+        };
+        let unmount_all = |workload: &Option<Workload>, rootfs: &Option<PathBuf>| {
+            if let Some(r) = workload.as_ref().and_then(|w| w.rootfs.as_ref()) {
+                r.unmount();
+            }
+            if let Some(root) = rootfs {
+                unmount_rootfs(root);
+            }
+        };
+        if let (Some(w), Some(spec)) = (&workload, spec.as_mut())
+            && let Err(e) = w.wrap_entrypoint(spec, &bundle)
+        {
+            unmount_all(&workload, &rootfs);
+            return Err(e);
+        }
+        let restore_from = if !req.checkpoint.is_empty() {
+            Some(PathBuf::from(&req.checkpoint))
+        } else {
+            workload
+                .as_ref()
+                .filter(|w| w.engine.kind() == EngineKind::Criu)
+                .and_then(|w| w.pending.as_ref())
+                .map(|c| c.images_dir())
+        };
         let paths = Paths::new(&req.stdin, &req.stdout, &req.stderr, req.terminal);
-        let created = self.create_in(req, &bundle, &paths, runtime.clone()).await;
-        let (init, restore_from) = match created {
+        let created = self
+            .create_in(req, &bundle, &paths, runtime.clone(), restore_from.clone())
+            .await;
+        let init = match created {
             Ok(v) => v,
             Err(e) => {
-                if let Some(root) = &rootfs {
-                    unmount_rootfs(root);
-                }
+                unmount_all(&workload, &rootfs);
                 return Err(e);
             }
         };
+        if let Some(w) = workload.as_mut()
+            && w.engine.kind() == EngineKind::Dmtcp
+            && w.pending.is_some()
+        {
+            // The restore-hook restarts from the images at start; from here on the restore
+            // is DMTCP's, and the start decides whether it worked.
+            tracing::info!(container_id = %req.id, "DMTCP restart staged");
+        }
         let pid = init.pid;
         let container = Container {
             id: req.id.clone(),
@@ -239,6 +291,7 @@ impl Service {
             init,
             execs: HashMap::new(),
             restore_from,
+            workload,
         };
         self.containers
             .lock()
@@ -272,17 +325,17 @@ impl Service {
         bundle: &Path,
         paths: &Paths,
         runtime: Arc<dyn Runtime>,
-    ) -> Result<(Process, Option<PathBuf>)> {
-        if !req.checkpoint.is_empty() {
-            let mut init = Process::new("", paths.clone(), Status::CreatedFromCheckpoint);
-            let (_, pending) = PendingIo::prepare(paths, bundle, "init")?;
-            // The restore needs fresh stdio at start; this one only proves the paths are
-            // usable now, when containerd can still report a clear error.
-            pending.abandon().await;
-            init.pending_io = None;
-            return Ok((init, Some(PathBuf::from(&req.checkpoint))));
+        restore_from: Option<PathBuf>,
+    ) -> Result<Process> {
+        if restore_from.is_some() {
+            // runc restore replaces create + start: nothing runs until `start`.
+            return Ok(Process::new(
+                "",
+                paths.clone(),
+                Status::CreatedFromCheckpoint,
+            ));
         }
-        let (child, pending) = PendingIo::prepare(paths, bundle, "init")?;
+        let (child, pending) = PendingIo::prepare(paths)?;
         let pid = match runtime.create(&req.id, bundle, child).await {
             Ok(pid) => pid,
             Err(e) => {
@@ -306,7 +359,34 @@ impl Service {
             .lock()
             .expect("pid index poisoned")
             .register(pid, &req.id, "");
-        Ok((init, None))
+        Ok(init)
+    }
+
+    /// The workload side of create: node configuration, identity, engine, the root's layout
+    /// and a pending checkpoint to restore from (unless containerd restores its own).
+    async fn prepare_workload(
+        &self,
+        req: &CreateTaskRequest,
+        options: &RuntimeOptions,
+        spec: &oci_spec::runtime::Spec,
+        bundle: &Path,
+    ) -> Result<Workload> {
+        let node = NodeConfig::from_options(options)?;
+        let scratch = node.container_dir(&self.namespace, &req.id)?;
+        let rootfs = (!req.rootfs.is_empty()).then(|| overlay::plan(&req.rootfs, bundle, &scratch));
+        let mut w = Workload::prepare(node, spec, &self.namespace, &req.id, rootfs).await?;
+        if !req.checkpoint.is_empty() {
+            if w.engine.kind() != EngineKind::Criu {
+                return Err(Error::Unimplemented(format!(
+                    "container {}: containerd's checkpoint images are CRIU images; a dmtcp \
+                     container restores through the node's checkpoint store instead",
+                    req.id
+                )));
+            }
+            // containerd restores its own checkpoint; the store's is not used.
+            w.pending = None;
+        }
+        Ok(w)
     }
 
     /// `Start` of the init or of an exec.
@@ -332,6 +412,9 @@ impl Service {
             }
         }
         c.init.status = Status::Running;
+        if let Some(w) = c.workload.as_mut() {
+            w.consume_pending();
+        }
         tracing::info!(container_id = %c.id, pid = c.init.pid, "container started");
         // The container's lock is still held: an exit that raced this start is reported
         // only after the start event.
@@ -351,7 +434,7 @@ impl Service {
             .restore_from
             .clone()
             .ok_or_else(|| Error::Other(format!("container {} has no checkpoint", c.id)))?;
-        let (child, pending) = PendingIo::prepare(&c.init.paths, &c.bundle, "init")?;
+        let (child, pending) = PendingIo::prepare(&c.init.paths)?;
         let opts = crate::runc::RestoreOpts {
             work_path: c.bundle.join("criu-work"),
             image_path: images,
@@ -394,7 +477,7 @@ impl Service {
                 "exec {exec_id} in container {id} was already started"
             )));
         }
-        let (child, pending) = PendingIo::prepare(&p.paths, &bundle, exec_id)?;
+        let (child, pending) = PendingIo::prepare(&p.paths)?;
         let pid = match runtime.exec(&id, &bundle, exec_id, &p.spec, child).await {
             Ok(pid) => pid,
             Err(e) => {
@@ -481,6 +564,13 @@ impl Service {
         let p = c.process(exec_id)?;
         p.ensure_alive("signal")?;
         if exec_id.is_empty() {
+            let force = match &c.workload {
+                Some(w) if c.init.status == Status::Running => w.stop_needs_checkpoint(signal)?,
+                _ => None,
+            };
+            if let (Some(force), Some(w)) = (force, &c.workload) {
+                return self.checkpoint_then_stop(&c, w, signal, all, force).await;
+            }
             return c.runtime.kill(id, signal, all).await;
         }
         if p.status == Status::Created {
@@ -496,6 +586,40 @@ impl Service {
                 p.pid
             ))
         })
+    }
+
+    /// A stop for migration: checkpoint into the node's store, then stop. A failed checkpoint
+    /// leaves the container running and is reported, unless the mark forces the stop.
+    async fn checkpoint_then_stop(
+        &self,
+        c: &Container,
+        w: &Workload,
+        signal: u32,
+        all: bool,
+        force: bool,
+    ) -> Result<()> {
+        let started = std::time::Instant::now();
+        match w.checkpoint(&c.id, c.runtime.as_ref()).await {
+            Ok(ckpt) => {
+                tracing::info!(container_id = %c.id, checkpoint = %ckpt.dir().display(), engine = %ckpt.engine(), elapsed_ms = started.elapsed().as_millis() as u64, "checkpointed before stop");
+                w.node.clear_mark(&w.identity);
+                if w.engine.kind() == EngineKind::Criu {
+                    // CRIU has already stopped the container's processes.
+                    return Ok(());
+                }
+                c.runtime.kill(&c.id, signal, all).await
+            }
+            Err(e) if force => {
+                tracing::error!(container_id = %c.id, error = %e, "checkpoint before stop failed; stopping anyway (forced)");
+                w.node.clear_mark(&w.identity);
+                c.runtime.kill(&c.id, signal, all).await
+            }
+            Err(e) => Err(Error::FailedPrecondition(format!(
+                "container {} was not stopped: its checkpoint before stop failed, and it keeps \
+                 running: {e}",
+                c.id
+            ))),
+        }
     }
 
     /// `Delete`: removes an exited exec, or the container once its init is not running.
@@ -534,6 +658,12 @@ impl Service {
         }
         if let Some(root) = c.rootfs.take() {
             unmount_rootfs(&root);
+        }
+        if let Some(w) = &c.workload {
+            if let Some(r) = &w.rootfs {
+                r.unmount();
+            }
+            w.remove_scratch();
         }
         self.containers
             .lock()
@@ -811,6 +941,17 @@ fn validate_id(id: &str) -> Result<()> {
             "invalid id {id:?}: expected 1-256 characters of [A-Za-z0-9_.+-]"
         )))
     }
+}
+
+/// The bundle's OCI spec; `None` when there is none (a bundle prepared by hand).
+fn load_spec(bundle: &Path) -> Result<Option<oci_spec::runtime::Spec>> {
+    let path = bundle.join("config.json");
+    if !path.exists() {
+        return Ok(None);
+    }
+    oci_spec::runtime::Spec::load(&path)
+        .map(Some)
+        .map_err(|e| Error::InvalidArgument(format!("{} is not an OCI spec: {e}", path.display())))
 }
 
 /// Mounts containerd's rootfs mounts at `<bundle>/rootfs`; `None` when containerd passed none

@@ -124,6 +124,7 @@ async fn harness_with(runc: FakeRunc) -> Harness {
         Box::new(Fake(runc.clone())),
         sink,
         Arc::new(ExitSignal::default()),
+        "default",
     );
     service.watch_exits().await.unwrap();
     Harness {

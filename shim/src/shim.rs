@@ -113,6 +113,9 @@ impl Shim for MigShim {
         {
             tracing::warn!(container_id = %self.id, error = %e, "force delete after shim exit");
         }
+        if let Some(rootfs) = crate::overlay::Rootfs::recorded(&bundle) {
+            rootfs.unmount();
+        }
         crate::service::unmount_rootfs(&bundle.join("rootfs"));
         Ok(DeleteResponse {
             exit_status: 137,
@@ -132,7 +135,7 @@ impl Shim for MigShim {
             address: self.address.clone(),
             namespace: self.namespace.clone(),
         };
-        let service = Service::new(Box::new(factory), sink, self.exit.clone());
+        let service = Service::new(Box::new(factory), sink, self.exit.clone(), &self.namespace);
         if let Err(e) = service.watch_exits().await {
             tracing::error!(error = %e, "cannot watch process exits");
         }

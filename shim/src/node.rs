@@ -1,0 +1,234 @@
+//! What the shim knows about the node it runs on: where state and checkpoints live, which
+//! checkpoint engine is the default, where DMTCP and the restore-hook are.
+
+use std::path::{Path, PathBuf};
+
+use mig_checkpoint::{SafeName, Store, WorkloadIdentity};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    error::{Error, Result},
+    options::RuntimeOptions,
+};
+
+/// The node's state root when neither the runtime options nor `MIG_STATE_DIR` name one.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/kubernetes-mig";
+/// Where `scripts/setup.sh` and the DaemonSet install the restore-hook.
+pub const DEFAULT_HOOK: &str = "/opt/kubernetes-mig/bin/mig-restore-hook";
+
+/// A checkpoint engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// CRIU through `runc checkpoint` / `runc restore`.
+    Criu,
+    /// DMTCP in user space, through the restore-hook.
+    Dmtcp,
+}
+
+impl EngineKind {
+    /// Parses `criu` or `dmtcp`; `what` says where the value came from, for the error.
+    pub fn parse(value: &str, what: &str) -> Result<Self> {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "criu" => Ok(Self::Criu),
+            "dmtcp" => Ok(Self::Dmtcp),
+            other => Err(Error::InvalidArgument(format!(
+                "{what} names checkpoint engine {other:?}: expected \"criu\" or \"dmtcp\""
+            ))),
+        }
+    }
+
+    /// The engine's name as recorded in a checkpoint manifest.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Criu => "criu",
+            Self::Dmtcp => "dmtcp",
+        }
+    }
+}
+
+/// The node-level configuration of the shim.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// The state root: `checkpoints/`, `marks/`, `containers/` live below it.
+    pub state_dir: PathBuf,
+    /// The engine of containers that do not choose one by annotation.
+    pub default_engine: EngineKind,
+    /// Where DMTCP is installed, when configured.
+    pub dmtcp_dir: Option<PathBuf>,
+    /// The restore-hook binary injected into DMTCP containers.
+    pub hook_binary: PathBuf,
+}
+
+/// A migration mark: the node agent asks that the next stop of a workload checkpoint it first.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mark {
+    /// The migration that asked for it.
+    #[serde(default)]
+    pub migration: String,
+    /// Stop the workload even when its checkpoint fails.
+    #[serde(default)]
+    pub force: bool,
+}
+
+impl NodeConfig {
+    /// The configuration from the runtime options, then the environment containerd gave the
+    /// shim (`MIG_STATE_DIR`, `MIG_ENGINE`, `MIG_DMTCP_DIR`, `MIG_RESTORE_HOOK`), then defaults.
+    pub fn from_options(o: &RuntimeOptions) -> Result<Self> {
+        let pick = |configured: &str, var: &str| -> Option<String> {
+            Some(configured.to_string())
+                .filter(|s| !s.is_empty())
+                .or_else(|| std::env::var(var).ok().filter(|s| !s.is_empty()))
+        };
+        let default_engine = match pick(&o.engine, "MIG_ENGINE") {
+            Some(e) => EngineKind::parse(&e, "the runtime option Engine (or MIG_ENGINE)")?,
+            None => EngineKind::Criu,
+        };
+        Ok(Self {
+            state_dir: pick(&o.state_dir, "MIG_STATE_DIR")
+                .unwrap_or_else(|| DEFAULT_STATE_DIR.into())
+                .into(),
+            default_engine,
+            dmtcp_dir: pick(&o.dmtcp_dir, "MIG_DMTCP_DIR").map(PathBuf::from),
+            hook_binary: pick("", "MIG_RESTORE_HOOK")
+                .unwrap_or_else(|| DEFAULT_HOOK.into())
+                .into(),
+        })
+    }
+
+    /// The node's checkpoint store.
+    pub fn store(&self) -> Result<Store> {
+        Store::open(self.state_dir.join("checkpoints"))
+            .map_err(|e| Error::Other(format!("open the checkpoint store: {e}")))
+    }
+
+    /// The per-container scratch dir (upper layer when containerd gives none, DMTCP dirs).
+    pub fn container_dir(&self, namespace: &str, id: &str) -> Result<PathBuf> {
+        let ns = SafeName::new(namespace).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let id = SafeName::new(id).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        Ok(self
+            .state_dir
+            .join("containers")
+            .join(ns.as_str())
+            .join(id.as_str()))
+    }
+
+    fn mark_path(&self, identity: &WorkloadIdentity) -> PathBuf {
+        self.state_dir
+            .join("marks")
+            .join(format!("{}.json", identity.key()))
+    }
+
+    /// The migration mark for `identity`, if the node agent set one.
+    pub fn mark(&self, identity: &WorkloadIdentity) -> Result<Option<Mark>> {
+        let path = self.mark_path(identity);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| {
+                Error::InvalidArgument(format!(
+                    "migration mark {} is not valid JSON ({e}); expected {{\"migration\": \"ID\"}}",
+                    path.display()
+                ))
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::Io {
+                context: format!("read migration mark {}", path.display()),
+                source: e,
+            }),
+        }
+    }
+
+    /// Sets a migration mark (what the node agent does; also used by tests).
+    pub fn set_mark(&self, identity: &WorkloadIdentity, mark: &Mark) -> Result<()> {
+        let path = self.mark_path(identity);
+        write_private(&path, &serde_json::to_vec(mark).unwrap_or_default())
+    }
+
+    /// Removes the mark once it has been acted on.
+    pub fn clear_mark(&self, identity: &WorkloadIdentity) {
+        let _ = std::fs::remove_file(self.mark_path(identity));
+    }
+}
+
+/// Writes `data` to `path` atomically, readable by root only.
+pub fn write_private(path: &Path, data: &[u8]) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(Error::io(format!("create {}", dir.display())))?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(Error::io(format!("write {}", tmp.display())))?;
+    std::io::Write::write_all(&mut f, data)
+        .map_err(Error::io(format!("write {}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(Error::io(format!("install {}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engines_parse_and_bad_names_say_what_is_expected() {
+        assert_eq!(EngineKind::parse("CRIU", "x").unwrap(), EngineKind::Criu);
+        assert_eq!(EngineKind::parse("dmtcp", "x").unwrap(), EngineKind::Dmtcp);
+        let err = EngineKind::parse("podman", "annotation mig.dev/engine").unwrap_err();
+        assert!(
+            err.to_string().contains("annotation mig.dev/engine"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("\"criu\" or \"dmtcp\""), "{err}");
+    }
+
+    #[test]
+    fn options_override_the_environment_and_defaults() {
+        let o = RuntimeOptions {
+            state_dir: "/srv/mig".into(),
+            engine: "dmtcp".into(),
+            ..Default::default()
+        };
+        let n = NodeConfig::from_options(&o).unwrap();
+        assert_eq!(n.state_dir, PathBuf::from("/srv/mig"));
+        assert_eq!(n.default_engine, EngineKind::Dmtcp);
+        let bad = RuntimeOptions {
+            engine: "nope".into(),
+            ..Default::default()
+        };
+        assert!(NodeConfig::from_options(&bad).is_err());
+    }
+
+    #[test]
+    fn marks_round_trip_and_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let node = NodeConfig {
+            state_dir: dir.path().into(),
+            default_engine: EngineKind::Criu,
+            dmtcp_dir: None,
+            hook_binary: DEFAULT_HOOK.into(),
+        };
+        let id = WorkloadIdentity::container("default", "counter").unwrap();
+        assert_eq!(node.mark(&id).unwrap(), None);
+        let mark = Mark {
+            migration: "m-1".into(),
+            force: false,
+        };
+        node.set_mark(&id, &mark).unwrap();
+        assert_eq!(node.mark(&id).unwrap(), Some(mark));
+        let mode = std::fs::metadata(node.mark_path(&id))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        node.clear_mark(&id);
+        assert_eq!(node.mark(&id).unwrap(), None);
+    }
+}

@@ -1,0 +1,530 @@
+//! A migratable container: who it is (its workload identity), which engine checkpoints it, where
+//! its file changes and volumes are, and the checkpoint it is being restored from, if any.
+//!
+//! This is what turns a plain runc container into one that can move: at create it is prepared
+//! ([`Workload::prepare`]), a pending checkpoint in the node's store is verified and unpacked
+//! into the new container ([`Workload::unpack_pending`]), and on a stop for migration it is
+//! checkpointed into the store ([`Workload::checkpoint`]).
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use mig_checkpoint::{Checkpoint, EngineInfo, SafeName, WorkloadIdentity};
+use oci_spec::runtime::Spec;
+use tokio::sync::OnceCell;
+
+use crate::{
+    dmtcp::{self, DmtcpInstall, InjectDirs},
+    error::{Error, Result},
+    node::{EngineKind, NodeConfig},
+    overlay::Rootfs,
+    runc::{CheckpointOpts, Runtime, run_watched},
+};
+
+/// The project's annotation prefix; the CRI copies pod annotations matching the runtime's
+/// `pod_annotations = ["mig.dev/*"]` into the container's spec.
+pub mod annotation {
+    /// `criu` or `dmtcp`: overrides the runtime's default engine.
+    pub const ENGINE: &str = "mig.dev/engine";
+    /// `"true"`: every SIGTERM/SIGKILL of the container checkpoints it first.
+    pub const CHECKPOINT_ON_STOP: &str = "mig.dev/checkpoint-on-stop";
+    /// Comma-separated container paths of extra bind-mounted volumes (hostPath) to carry
+    /// along; emptyDir volumes are always carried.
+    pub const VOLUMES: &str = "mig.dev/volumes";
+    /// The CRI's container type: `sandbox` for the pause container.
+    pub const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+    /// The CRI's image name.
+    pub const IMAGE_NAME: &str = "io.kubernetes.cri.image-name";
+}
+
+/// How long a DMTCP checkpoint may take before it is reported as failed.
+const DMTCP_CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A checkpoint engine, ready to use on this node.
+#[derive(Debug, Clone)]
+pub enum Engine {
+    /// CRIU through runc.
+    Criu {
+        /// `criu --version`.
+        version: String,
+    },
+    /// DMTCP through the restore-hook.
+    Dmtcp {
+        /// The node's DMTCP.
+        install: DmtcpInstall,
+        /// The container's DMTCP dirs on the node.
+        dirs: InjectDirs,
+    },
+}
+
+impl Engine {
+    /// Name and version, as a checkpoint records them.
+    pub fn info(&self) -> EngineInfo {
+        match self {
+            Engine::Criu { version } => EngineInfo::new("criu", version.clone()),
+            Engine::Dmtcp { install, .. } => EngineInfo::new("dmtcp", install.version.clone()),
+        }
+    }
+
+    /// Which engine this is.
+    pub fn kind(&self) -> EngineKind {
+        match self {
+            Engine::Criu { .. } => EngineKind::Criu,
+            Engine::Dmtcp { .. } => EngineKind::Dmtcp,
+        }
+    }
+}
+
+/// A volume whose content travels with the checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Volume {
+    /// Its name in the checkpoint.
+    pub name: SafeName,
+    /// Its directory on the node.
+    pub source: PathBuf,
+}
+
+/// A container that can be checkpointed and restored.
+#[derive(Debug)]
+pub struct Workload {
+    /// Names its checkpoint, so the same workload finds it on another node.
+    pub identity: WorkloadIdentity,
+    /// The engine that checkpoints it.
+    pub engine: Engine,
+    /// Its image, recorded in the checkpoint.
+    pub image: String,
+    /// Its root filesystem, when the shim assembled one.
+    pub rootfs: Option<Rootfs>,
+    /// Its carried volumes.
+    pub volumes: Vec<Volume>,
+    /// Checkpoint on every SIGTERM/SIGKILL (annotation), not only when marked.
+    pub checkpoint_on_stop: bool,
+    /// The node it runs on.
+    pub node: NodeConfig,
+    /// The shim's per-container dir on the node.
+    pub scratch: PathBuf,
+    /// The checkpoint it is being restored from, until the restore succeeded.
+    pub pending: Option<Checkpoint>,
+}
+
+static CRIU_VERSION: OnceCell<String> = OnceCell::const_new();
+static DMTCP: OnceCell<DmtcpInstall> = OnceCell::const_new();
+
+/// `criu --version`, once per shim.
+pub async fn criu_version() -> Result<String> {
+    CRIU_VERSION
+        .get_or_try_init(|| async {
+            let mut cmd = std::process::Command::new("criu");
+            cmd.arg("--version");
+            let done = run_watched(cmd, None).await.map_err(|e| {
+                Error::FailedPrecondition(format!(
+                    "the CRIU engine needs criu on the node's PATH: {e}"
+                ))
+            })?;
+            done.stdout
+                .lines()
+                .find_map(|l| l.strip_prefix("Version:"))
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| {
+                    Error::FailedPrecondition(format!(
+                        "`criu --version` printed no version (exit {}): {}",
+                        done.code,
+                        done.stderr.trim()
+                    ))
+                })
+        })
+        .await
+        .cloned()
+}
+
+async fn dmtcp_install(node: &NodeConfig) -> Result<DmtcpInstall> {
+    let dir = node.dmtcp_dir.clone();
+    let deps = node.state_dir.join("dmtcp-deps");
+    DMTCP
+        .get_or_try_init(|| async move {
+            tokio::task::spawn_blocking(move || {
+                dmtcp::set_command_runner(crate::runc::output_through_reaper);
+                DmtcpInstall::discover(dir.as_deref()).and_then(|i| i.stage_deps(&deps))
+            })
+            .await
+            .map_err(|e| Error::Other(format!("DMTCP discovery: {e}")))?
+            .map_err(|e| {
+                Error::FailedPrecondition(format!(
+                    "the DMTCP engine was chosen but DMTCP is not usable on this node: {e} \
+                     (install DMTCP and put dmtcp_launch on PATH, or set DmtcpDir / MIG_DMTCP_DIR)"
+                ))
+            })
+        })
+        .await
+        .cloned()
+}
+
+fn annotations(spec: &Spec) -> HashMap<String, String> {
+    spec.annotations().clone().unwrap_or_default()
+}
+
+/// Whether the spec is the pod's pause container, which passes through untouched.
+pub fn is_sandbox(spec: &Spec) -> bool {
+    annotations(spec)
+        .get(annotation::CONTAINER_TYPE)
+        .map(String::as_str)
+        == Some("sandbox")
+}
+
+/// The volumes of `spec` whose content travels: emptyDirs, and bind mounts named by the
+/// `mig.dev/volumes` annotation.
+pub fn volumes(spec: &Spec) -> Result<Vec<Volume>> {
+    let wanted: Vec<String> = annotations(spec)
+        .get(annotation::VOLUMES)
+        .map(|v| {
+            v.split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for m in spec.mounts().iter().flatten() {
+        let (Some(source), dest) = (m.source(), m.destination()) else {
+            continue;
+        };
+        let dest = dest.to_string_lossy();
+        let src = source.to_string_lossy();
+        let name = if let Some((_, name)) = src.split_once("/volumes/kubernetes.io~empty-dir/") {
+            name.split('/').next().unwrap_or_default().to_string()
+        } else if wanted.iter().any(|w| w == dest.as_ref()) {
+            dest.trim_matches('/').replace('/', "-")
+        } else {
+            continue;
+        };
+        let name = SafeName::new(name.clone()).map_err(|e| {
+            Error::InvalidArgument(format!(
+                "volume {dest} cannot be carried: name {name:?}: {e}"
+            ))
+        })?;
+        out.push(Volume {
+            name,
+            source: source.clone(),
+        });
+    }
+    if let Some(missing) = wanted.iter().find(|w| {
+        !spec
+            .mounts()
+            .iter()
+            .flatten()
+            .any(|m| m.destination().to_string_lossy() == **w)
+    }) {
+        return Err(Error::InvalidArgument(format!(
+            "annotation {} names {missing}, which is not a mount of this container; expected \
+             comma-separated mount destinations",
+            annotation::VOLUMES
+        )));
+    }
+    Ok(out)
+}
+
+impl Workload {
+    /// Prepares a (non-pause) container: its identity, engine, root layout and volumes, and
+    /// finds a pending checkpoint for it in the node's store, verified for this engine.
+    pub async fn prepare(
+        node: NodeConfig,
+        spec: &Spec,
+        namespace: &str,
+        id: &str,
+        rootfs: Option<Rootfs>,
+    ) -> Result<Self> {
+        let notes = annotations(spec);
+        let identity = WorkloadIdentity::from_annotations(&notes, namespace, id)
+            .map_err(|e| Error::InvalidArgument(format!("workload identity of {id}: {e}")))?;
+        let kind = match notes.get(annotation::ENGINE) {
+            Some(v) => EngineKind::parse(v, &format!("annotation {}", annotation::ENGINE))?,
+            None => node.default_engine,
+        };
+        let scratch = node.container_dir(namespace, id)?;
+        let engine = match kind {
+            EngineKind::Criu => Engine::Criu {
+                version: criu_version().await?,
+            },
+            EngineKind::Dmtcp => {
+                let install = dmtcp_install(&node).await?;
+                let dirs = InjectDirs {
+                    tmp: scratch.join("dmtcp-tmp"),
+                    ckpt: scratch.join("dmtcp-ckpt"),
+                    ctl: scratch.join("dmtcp-ctl"),
+                };
+                // A restart must not see a previous run's temp files or images.
+                for d in [&dirs.tmp, &dirs.ckpt, &dirs.ctl] {
+                    let _ = std::fs::remove_dir_all(d);
+                    std::fs::create_dir_all(d)
+                        .map_err(Error::io(format!("create {}", d.display())))?;
+                }
+                Engine::Dmtcp { install, dirs }
+            }
+        };
+        let store = node.store()?;
+        let pending = store.pending(&identity).map_err(|e| {
+            Error::Other(format!("look up a checkpoint for {}: {e}", identity.key()))
+        })?;
+        if let Some(ckpt) = &pending {
+            ckpt.verify_for_restore(&engine.info()).map_err(|e| {
+                Error::FailedPrecondition(format!(
+                    "container {id} has a checkpoint waiting ({}) but it cannot be restored: \
+                     {e}; remove it to start the workload afresh",
+                    ckpt.dir().display()
+                ))
+            })?;
+            tracing::info!(container_id = %id, checkpoint = %ckpt.dir().display(), engine = %ckpt.engine(), "restoring from checkpoint");
+        }
+        Ok(Self {
+            image: notes
+                .get(annotation::IMAGE_NAME)
+                .cloned()
+                .unwrap_or_default(),
+            checkpoint_on_stop: notes
+                .get(annotation::CHECKPOINT_ON_STOP)
+                .map(String::as_str)
+                == Some("true"),
+            volumes: volumes(spec)?,
+            identity,
+            engine,
+            rootfs,
+            node,
+            scratch,
+            pending,
+        })
+    }
+
+    /// Fills the new container from its pending checkpoint before its root is mounted: the
+    /// upper layer, the volumes, and (DMTCP) the images the restore-hook restarts from.
+    pub async fn unpack_pending(&self) -> Result<()> {
+        let Some(ckpt) = &self.pending else {
+            return Ok(());
+        };
+        let mut jobs: Vec<(PathBuf, PathBuf)> = Vec::new();
+        if let (Some(tar), Some(rootfs)) = (ckpt.upper_layer(), &self.rootfs) {
+            jobs.push((tar, rootfs.upper.clone()));
+        }
+        for (name, tar) in ckpt.volumes() {
+            let Some(v) = self.volumes.iter().find(|v| v.name == name) else {
+                return Err(Error::FailedPrecondition(format!(
+                    "the checkpoint carries volume {name}, but this container has no such volume"
+                )));
+            };
+            jobs.push((tar, v.source.clone()));
+        }
+        let dmtcp_copy = match &self.engine {
+            Engine::Dmtcp { dirs, .. } => Some((ckpt.images_dir(), dirs.ckpt.clone())),
+            Engine::Criu { .. } => None,
+        };
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            for (tar, dest) in jobs {
+                std::fs::create_dir_all(&dest)
+                    .map_err(Error::io(format!("create {}", dest.display())))?;
+                mig_checkpoint::unpack_tree(&tar, &dest).map_err(|e| {
+                    Error::Other(format!(
+                        "unpack {} into {}: {e}",
+                        tar.display(),
+                        dest.display()
+                    ))
+                })?;
+            }
+            if let Some((from, to)) = dmtcp_copy {
+                copy_files(&from, &to)?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| Error::Other(format!("unpack checkpoint: {e}")))?
+    }
+
+    /// For DMTCP: checks the entrypoint can be wrapped and rewrites the bundle's spec so that
+    /// the restore-hook runs it. A no-op for CRIU.
+    pub fn wrap_entrypoint(&self, spec: &mut Spec, bundle: &Path) -> Result<()> {
+        let Engine::Dmtcp { install, dirs } = &self.engine else {
+            return Ok(());
+        };
+        let root = self
+            .rootfs
+            .as_ref()
+            .map(|r| r.target.clone())
+            .unwrap_or_else(|| bundle.join("rootfs"));
+        dmtcp::check_wrappable(&root, spec)
+            .map_err(|e| Error::FailedPrecondition(format!("engine dmtcp: {e}")))?;
+        dmtcp::check_hook_binary(&self.node.hook_binary)
+            .map_err(|e| Error::FailedPrecondition(format!("engine dmtcp: {e}")))?;
+        let host_network = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.namespaces().as_ref())
+            .is_none_or(|ns| {
+                !ns.iter().any(|n| {
+                    n.typ() == oci_spec::runtime::LinuxNamespaceType::Network && n.path().is_none()
+                })
+            });
+        // In its own network namespace the coordinator can use the fixed port; sharing one
+        // (host network, a pod's) it must let the kernel pick.
+        let port = if host_network {
+            0
+        } else {
+            dmtcp::DEFAULT_COORD_PORT
+        };
+        dmtcp::inject(spec, install, &self.node.hook_binary, dirs, port)
+            .map_err(|e| Error::InvalidArgument(format!("engine dmtcp: {e}")))?;
+        spec.save(bundle.join("config.json"))
+            .map_err(|e| Error::Other(format!("write the wrapped spec: {e}")))
+    }
+
+    /// Whether a stop with `signal` must checkpoint first: SIGTERM or SIGKILL, with a
+    /// migration mark from the node agent or the checkpoint-on-stop annotation.
+    pub fn stop_needs_checkpoint(&self, signal: u32) -> Result<Option<bool>> {
+        if signal != libc::SIGTERM as u32 && signal != libc::SIGKILL as u32 {
+            return Ok(None);
+        }
+        if let Some(mark) = self.node.mark(&self.identity)? {
+            return Ok(Some(mark.force));
+        }
+        Ok(self.checkpoint_on_stop.then_some(false))
+    }
+
+    /// Checkpoints the running container into the node's store. With CRIU the container's
+    /// processes are gone afterwards; with DMTCP they still run and must be stopped by the
+    /// caller. On error nothing is installed in the store and the container keeps running.
+    pub async fn checkpoint(&self, id: &str, runtime: &dyn Runtime) -> Result<Checkpoint> {
+        let store = self.node.store()?;
+        let mut writer = store
+            .begin(&self.identity)
+            .map_err(|e| Error::Other(format!("start a checkpoint of {id}: {e}")))?;
+        let images = writer
+            .images_dir()
+            .map_err(|e| Error::Other(format!("checkpoint of {id}: {e}")))?;
+        match &self.engine {
+            Engine::Criu { .. } => {
+                let opts = CheckpointOpts {
+                    image_path: images,
+                    work_path: self.scratch.join("criu-work"),
+                    tcp_established: true,
+                    file_locks: true,
+                    ..Default::default()
+                };
+                runtime.checkpoint(id, &opts).await?;
+            }
+            Engine::Dmtcp { dirs, .. } => {
+                dmtcp::checkpoint(&dirs.ctl_socket(), DMTCP_CHECKPOINT_TIMEOUT)
+                    .await
+                    .map_err(|e| Error::Other(format!("DMTCP checkpoint of {id}: {e}")))?;
+                let (from, to) = (dirs.ckpt.clone(), images);
+                tokio::task::spawn_blocking(move || copy_files(&from, &to))
+                    .await
+                    .map_err(|e| Error::Other(format!("copy DMTCP images: {e}")))??;
+            }
+        }
+        let upper = self.rootfs.as_ref().map(|r| r.upper.clone());
+        let volumes = self.volumes.clone();
+        let (engine, image) = (self.engine.info(), self.image.clone());
+        let id = id.to_string();
+        tokio::task::spawn_blocking(move || -> Result<Checkpoint> {
+            let fail = |e: mig_checkpoint::Error| Error::Other(format!("checkpoint of {id}: {e}"));
+            if let Some(upper) = upper {
+                writer.add_upper_layer(&upper).map_err(fail)?;
+            }
+            for v in &volumes {
+                writer.add_volume(&v.name, &v.source).map_err(fail)?;
+            }
+            writer.commit(engine, &image).map_err(fail)
+        })
+        .await
+        .map_err(|e| Error::Other(format!("checkpoint: {e}")))?
+    }
+
+    /// Marks the pending checkpoint consumed after a successful restore.
+    pub fn consume_pending(&mut self) {
+        let Some(ckpt) = self.pending.take() else {
+            return;
+        };
+        let dir = ckpt.dir().to_path_buf();
+        if let Err(e) = self.node.store().and_then(|s| {
+            s.consume(ckpt)
+                .map_err(|e| Error::Other(format!("consume {}: {e}", dir.display())))
+        }) {
+            tracing::warn!(error = %e, "restored, but the checkpoint could not be removed");
+        }
+    }
+
+    /// Removes the shim's own per-container dirs (never containerd's snapshot).
+    pub fn remove_scratch(&self) {
+        let _ = std::fs::remove_dir_all(&self.scratch);
+    }
+}
+
+/// Copies the regular files of `from` (not recursively) into `to`.
+fn copy_files(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).map_err(Error::io(format!("create {}", to.display())))?;
+    for entry in std::fs::read_dir(from).map_err(Error::io(format!("list {}", from.display())))? {
+        let entry = entry.map_err(Error::io(format!("list {}", from.display())))?;
+        if entry.file_type().map(|t| t.is_file()).unwrap_or(false) {
+            let dest = to.join(entry.file_name());
+            // Same filesystem (both under the state root): a hard link costs nothing.
+            if std::fs::hard_link(entry.path(), &dest).is_err() {
+                std::fs::copy(entry.path(), &dest)
+                    .map_err(Error::io(format!("copy {}", entry.path().display())))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(json: serde_json::Value) -> Spec {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn empty_dirs_travel_and_annotated_binds_too() {
+        let s = spec(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "annotations": {"mig.dev/volumes": "/data"},
+            "mounts": [
+                {"destination": "/cache", "type": "bind",
+                 "source": "/var/lib/kubelet/pods/u1/volumes/kubernetes.io~empty-dir/cache"},
+                {"destination": "/data", "type": "bind", "source": "/srv/data"},
+                {"destination": "/etc/hosts", "type": "bind", "source": "/x/hosts"}
+            ]
+        }));
+        let v = volumes(&s).unwrap();
+        assert_eq!(v.len(), 2);
+        assert_eq!(v[0].name.as_str(), "cache");
+        assert_eq!(v[1].name.as_str(), "data");
+        assert_eq!(v[1].source, PathBuf::from("/srv/data"));
+    }
+
+    #[test]
+    fn an_annotated_volume_that_is_not_mounted_is_an_error() {
+        let s = spec(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "annotations": {"mig.dev/volumes": "/nope"},
+            "mounts": []
+        }));
+        let err = volumes(&s).unwrap_err().to_string();
+        assert!(
+            err.contains("/nope") && err.contains("mig.dev/volumes"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_pause_container_is_recognised() {
+        let pause = spec(serde_json::json!({"ociVersion": "1.0.2",
+            "annotations": {"io.kubernetes.cri.container-type": "sandbox"}}));
+        assert!(is_sandbox(&pause));
+        let app = spec(serde_json::json!({"ociVersion": "1.0.2",
+            "annotations": {"io.kubernetes.cri.container-type": "container"}}));
+        assert!(!is_sandbox(&app));
+    }
+}
