@@ -92,13 +92,24 @@ fi
 # --- build and install --------------------------------------------------------------------------
 say "building the workspace (release)"
 (cd "$ROOT" && cargo build --release --locked --workspace --quiet)
+say "building the static restore-hook"
+(cd "$ROOT" && cargo build-hook --quiet)
+install -d "$PREFIX/bin"
 install -m 755 "$ROOT/target/release/containerd-shim-mig-v2" "$BIN_DIR/containerd-shim-mig-v2"
-if [ -x "$ROOT/target/release/mig-restore-hook" ]; then
-    install -d "$PREFIX/bin"
-    install -m 755 "$ROOT/target/release/mig-restore-hook" "$PREFIX/bin/mig-restore-hook"
-fi
+install -m 755 "$ROOT/target/x86_64-unknown-linux-gnu/release/mig-restore-hook" "$PREFIX/bin/mig-restore-hook"
 if [ -x "$ROOT/target/release/mig-server" ]; then
     install -m 755 "$ROOT/target/release/mig-server" "$BIN_DIR/mig-server"
+fi
+install -d -m 700 /var/lib/kubernetes-mig
+
+# The offline Kubernetes schema validator the configs/ tests use (a venv outside the repo).
+say "installing the manifest validator"
+bash "$ROOT/configs/validate.sh" --install >/dev/null
+
+if command -v dmtcp_launch >/dev/null || [ -n "${MIG_DMTCP_DIR:-}" ]; then
+    dmtcp_note="DMTCP found: the dmtcp engine's tests will run"
+else
+    dmtcp_note="DMTCP not installed (no registry carries it): the dmtcp engine's tests will skip"
 fi
 
 say "ready:"
@@ -106,3 +117,5 @@ say "  $(containerd --version)"
 say "  $(runc --version | head -n1)"
 say "  $criu_version (wrapper $BIN_DIR/criu -> $CRIU_DIR)"
 say "  $("$BIN_DIR/containerd-shim-mig-v2" -v | head -n1) at $BIN_DIR/containerd-shim-mig-v2"
+say "  restore-hook (static) at $PREFIX/bin/mig-restore-hook"
+say "  $dmtcp_note"
