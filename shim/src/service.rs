@@ -254,8 +254,11 @@ impl Service {
             unmount_all(&workload, &rootfs);
             return Err(e);
         }
+        let dmtcp = workload.as_ref().map(|w| w.engine.kind()) == Some(EngineKind::Dmtcp);
         let restore_from = if !req.checkpoint.is_empty() {
-            Some(PathBuf::from(&req.checkpoint))
+            // A DMTCP container restarts from the images the hook finds; CRIU's are restored
+            // by runc at start.
+            (!dmtcp).then(|| PathBuf::from(&req.checkpoint))
         } else {
             workload
                 .as_ref()
@@ -376,15 +379,9 @@ impl Service {
         let rootfs = (!req.rootfs.is_empty()).then(|| overlay::plan(&req.rootfs, bundle, &scratch));
         let mut w = Workload::prepare(node, spec, &self.namespace, &req.id, rootfs).await?;
         if !req.checkpoint.is_empty() {
-            if w.engine.kind() != EngineKind::Criu {
-                return Err(Error::Unimplemented(format!(
-                    "container {}: containerd's checkpoint images are CRIU images; a dmtcp \
-                     container restores through the node's checkpoint store instead",
-                    req.id
-                )));
-            }
             // containerd restores its own checkpoint; the store's is not used.
             w.pending = None;
+            w.stage_native_checkpoint(Path::new(&req.checkpoint))?;
         }
         Ok(w)
     }
@@ -886,7 +883,20 @@ impl Service {
             cgroups_mode: o.cgroups_mode.clone(),
         };
         tracing::info!(container_id = %req.id, image_path = %opts.image_path.display(), exit = o.exit, "checkpoint");
-        c.runtime.checkpoint(&req.id, &opts).await
+        match &c.workload {
+            Some(w) if w.engine.kind() == EngineKind::Dmtcp => {
+                w.checkpoint_native(&opts.image_path).await?;
+                if o.exit {
+                    c.runtime.kill(&req.id, libc::SIGKILL as u32, false).await?;
+                }
+                Ok(())
+            }
+            Some(w) => {
+                c.runtime.checkpoint(&req.id, &opts).await?;
+                w.mark_native_checkpoint(&opts.image_path)
+            }
+            None => c.runtime.checkpoint(&req.id, &opts).await,
+        }
     }
 
     /// The init's pid, for `Connect`.

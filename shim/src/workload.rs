@@ -40,6 +40,9 @@ pub mod annotation {
     pub const IMAGE_NAME: &str = "io.kubernetes.cri.image-name";
 }
 
+/// The file in a containerd checkpoint (`ctr c checkpoint`) that records the engine.
+pub const NATIVE_ENGINE_RECORD: &str = "mig-engine.json";
+
 /// How long a DMTCP checkpoint may take before it is reported as failed.
 const DMTCP_CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -440,6 +443,73 @@ impl Workload {
         .map_err(|e| Error::Other(format!("checkpoint: {e}")))?
     }
 
+    /// containerd's own checkpoint (`Task.Checkpoint`) of a DMTCP container: the images go to
+    /// containerd's image path with a record of the engine that made them.
+    pub async fn checkpoint_native(&self, image_path: &Path) -> Result<()> {
+        let Engine::Dmtcp { dirs, .. } = &self.engine else {
+            return Err(Error::Other("not a DMTCP container".into()));
+        };
+        dmtcp::checkpoint(&dirs.ctl_socket(), DMTCP_CHECKPOINT_TIMEOUT)
+            .await
+            .map_err(|e| Error::Other(format!("DMTCP checkpoint: {e}")))?;
+        let (from, to) = (dirs.ckpt.clone(), image_path.to_path_buf());
+        tokio::task::spawn_blocking(move || copy_files(&from, &to))
+            .await
+            .map_err(|e| Error::Other(format!("copy DMTCP images: {e}")))??;
+        self.mark_native_checkpoint(image_path)
+    }
+
+    /// Records in a containerd checkpoint which engine (and version) made it.
+    pub fn mark_native_checkpoint(&self, image_path: &Path) -> Result<()> {
+        let info = self.engine.info();
+        let record = serde_json::json!({"engine": info.name, "version": info.version});
+        crate::node::write_private(
+            &image_path.join(NATIVE_ENGINE_RECORD),
+            record.to_string().as_bytes(),
+        )
+    }
+
+    /// Checks that containerd's checkpoint at `images` was made by this container's engine and
+    /// version, and for DMTCP puts its images where the restore-hook restarts from.
+    pub fn stage_native_checkpoint(&self, images: &Path) -> Result<()> {
+        let made_by = match std::fs::read(images.join(NATIVE_ENGINE_RECORD)) {
+            Ok(bytes) => {
+                let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+                    Error::InvalidArgument(format!(
+                        "{}: not an engine record: {e}",
+                        images.join(NATIVE_ENGINE_RECORD).display()
+                    ))
+                })?;
+                let field = |k: &str| {
+                    v.get(k)
+                        .and_then(|x| x.as_str())
+                        .unwrap_or_default()
+                        .to_string()
+                };
+                EngineInfo::new(field("engine"), field("version"))
+            }
+            // A checkpoint of containerd's own runc shim: CRIU, version unknown.
+            Err(_) => EngineInfo::new("criu", ""),
+        };
+        let ours = self.engine.info();
+        let version_differs = !made_by.version.is_empty() && made_by.version != ours.version;
+        if made_by.name != ours.name || version_differs {
+            return Err(Error::FailedPrecondition(format!(
+                "checkpoint {} was made by {} {}, but this container restores with {}; \
+                 refusing to restore",
+                images.display(),
+                made_by.name,
+                made_by.version,
+                ours
+            )));
+        }
+        if let Engine::Dmtcp { dirs, .. } = &self.engine {
+            copy_files(images, &dirs.ckpt)?;
+            let _ = std::fs::remove_file(dirs.ckpt.join(NATIVE_ENGINE_RECORD));
+        }
+        Ok(())
+    }
+
     /// Marks the pending checkpoint consumed after a successful restore.
     pub fn consume_pending(&mut self) {
         let Some(ckpt) = self.pending.take() else {
@@ -526,5 +596,64 @@ mod tests {
         let app = spec(serde_json::json!({"ociVersion": "1.0.2",
             "annotations": {"io.kubernetes.cri.container-type": "container"}}));
         assert!(!is_sandbox(&app));
+    }
+
+    fn criu_workload(dir: &Path, version: &str) -> Workload {
+        Workload {
+            identity: WorkloadIdentity::container("default", "c1").unwrap(),
+            engine: Engine::Criu {
+                version: version.into(),
+            },
+            image: String::new(),
+            rootfs: None,
+            volumes: vec![],
+            checkpoint_on_stop: false,
+            node: NodeConfig {
+                state_dir: dir.into(),
+                default_engine: EngineKind::Criu,
+                dmtcp_dir: None,
+                hook_binary: dir.join("hook"),
+            },
+            scratch: dir.join("scratch"),
+            pending: None,
+        }
+    }
+
+    #[test]
+    fn containerd_checkpoints_record_their_engine_and_other_engines_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let images = dir.path().join("images");
+        std::fs::create_dir_all(&images).unwrap();
+        // Made by containerd's own runc shim: no record, CRIU assumed.
+        criu_workload(dir.path(), "4.2.1")
+            .stage_native_checkpoint(&images)
+            .unwrap();
+        criu_workload(dir.path(), "4.2.1")
+            .mark_native_checkpoint(&images)
+            .unwrap();
+        criu_workload(dir.path(), "4.2.1")
+            .stage_native_checkpoint(&images)
+            .unwrap();
+        let err = criu_workload(dir.path(), "4.1.1")
+            .stage_native_checkpoint(&images)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("criu 4.2.1") && err.contains("criu 4.1.1"),
+            "{err}"
+        );
+        std::fs::write(
+            images.join(NATIVE_ENGINE_RECORD),
+            r#"{"engine":"dmtcp","version":"4.2.0"}"#,
+        )
+        .unwrap();
+        let err = criu_workload(dir.path(), "4.2.1")
+            .stage_native_checkpoint(&images)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("dmtcp 4.2.0") && err.contains("refusing"),
+            "{err}"
+        );
     }
 }
