@@ -132,10 +132,9 @@ impl Checkpoint {
         for file in self.files() {
             file.check_size(&self.dir)?;
         }
-        for file in self.files() {
-            file.verify(&self.dir)?;
-        }
-        Ok(())
+        crate::manifest::parallel_map(self.files(), |file| file.verify(&self.dir))
+            .into_iter()
+            .collect()
     }
 
     /// What a restore must call first: [`Checkpoint::check_engine`], then [`Checkpoint::verify`].

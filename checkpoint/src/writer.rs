@@ -103,11 +103,19 @@ impl CheckpointWriter {
     pub fn commit(mut self, engine: EngineInfo, image: &str) -> Result<Checkpoint> {
         let mut files = Vec::new();
         let mut dirs = BTreeSet::new();
-        for (path, _) in payload_files(&self.tmp)? {
-            let full = self.tmp.join(&path);
+        let payload: Vec<String> = payload_files(&self.tmp)?
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
+        let hashed = crate::manifest::parallel_map(&payload, |path| -> Result<(u64, String)> {
+            let full = self.tmp.join(path);
             make_private(&full, 0o600)?;
-            let (size, sha256) = sha256_file(&full)?;
+            let digest = sha256_file(&full)?;
             sync(&full)?;
+            Ok(digest)
+        });
+        for (path, digest) in payload.into_iter().zip(hashed) {
+            let (size, sha256) = digest?;
             dirs.extend(
                 Path::new(&path)
                     .ancestors()
