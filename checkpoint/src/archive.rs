@@ -35,8 +35,19 @@ use crate::sys;
 
 const XATTR_PAX_PREFIX: &[u8] = b"SCHILY.xattr.";
 
-/// Xattrs that are meaningful only on the node that wrote them.
-const NODE_LOCAL_XATTRS: [&[u8]; 2] = [b"trusted.overlay.origin", b"user.overlay.origin"];
+/// Xattr values with a newline travel hex-encoded under this prefix: the `tar` crate's PAX
+/// reader (0.4.46) splits records at newlines instead of using their length prefix, so a binary
+/// value (overlayfs' own `trusted.overlay.uuid` is 16 random bytes) would break the archive.
+const XATTR_HEX_PAX_PREFIX: &[u8] = b"MIG.xattr.hex.";
+
+/// Xattrs that are meaningful only on the node (the filesystem instance) that wrote them: a file
+/// handle into the source's lower layer, and the source overlay's identity.
+const NODE_LOCAL_XATTRS: [&[u8]; 4] = [
+    b"trusted.overlay.origin",
+    b"user.overlay.origin",
+    b"trusted.overlay.uuid",
+    b"user.overlay.uuid",
+];
 
 /// Packs the tree under `src` (the directory itself included, as `.`) into a new tar file
 /// `out`, created with mode 0600.
@@ -198,7 +209,14 @@ fn pax_records(path: &Path, meta: &fs::Metadata) -> io::Result<Vec<(String, Vec<
                 "xattr name is not UTF-8",
             ));
         };
-        records.push((format!("SCHILY.xattr.{name}"), value));
+        if value.contains(&b'\n') {
+            records.push((
+                format!("MIG.xattr.hex.{name}"),
+                hex_encode(&value).into_bytes(),
+            ));
+        } else {
+            records.push((format!("SCHILY.xattr.{name}"), value));
+        }
     }
     Ok(records)
 }
@@ -374,6 +392,11 @@ impl EntryMeta {
                 let key = record.key_bytes();
                 if let Some(name) = key.strip_prefix(XATTR_PAX_PREFIX) {
                     xattrs.push((name.to_vec(), record.value_bytes().to_vec()));
+                } else if let Some(name) = key.strip_prefix(XATTR_HEX_PAX_PREFIX) {
+                    let value = hex_decode(record.value_bytes()).ok_or_else(|| {
+                        io::Error::new(io::ErrorKind::InvalidData, "malformed hex xattr value")
+                    })?;
+                    xattrs.push((name.to_vec(), value));
                 } else if key == b"mtime" {
                     pax_mtime = parse_pax_time(record.value_bytes());
                 }
@@ -433,6 +456,19 @@ impl EntryMeta {
 }
 
 /// Parses a PAX time `secs[.fraction]` into seconds and nanoseconds.
+fn hex_encode(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn hex_decode(text: &[u8]) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    text.chunks(2)
+        .map(|pair| u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok())
+        .collect()
+}
+
 fn parse_pax_time(value: &[u8]) -> Option<(i64, u32)> {
     let value = std::str::from_utf8(value).ok()?;
     let (secs, frac) = value.split_once('.').unwrap_or((value, ""));

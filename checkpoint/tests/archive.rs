@@ -83,6 +83,13 @@ fn upper_layer_round_trip_keeps_whiteouts_opaque_dirs_ownership_and_xattrs() {
         b"\x00binary\xff",
     )
     .unwrap();
+    // Newlines in a value (overlayfs' own uuid is 16 random bytes) must not break the archive.
+    set_xattr(
+        &upper.join("etc"),
+        "user.mig.lines",
+        b"line1\nline2\x00\xff\n",
+    )
+    .unwrap();
     set_xattr(
         &upper.join("bin/tool"),
         "trusted.overlay.origin",
@@ -111,6 +118,10 @@ fn upper_layer_round_trip_keeps_whiteouts_opaque_dirs_ownership_and_xattrs() {
     assert_eq!(after["etc/deleted-from-lower"].rdev, 0);
     assert_eq!(after["var"].xattrs["trusted.overlay.opaque"], b"y");
     assert_eq!(after["srv"].xattrs["user.overlay.opaque"], b"y");
+    assert_eq!(
+        after["etc"].xattrs["user.mig.lines"],
+        b"line1\nline2\x00\xff\n"
+    );
     assert_eq!((after["var/data"].uid, after["var/data"].gid), (1234, 5678));
     assert_eq!(after["bin/suid"].mode, 0o4755);
     assert!(

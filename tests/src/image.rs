@@ -46,6 +46,12 @@ impl TestImage {
 
     /// A busybox image named `name` whose default command is `cmd`.
     pub fn busybox_with(name: &str, cmd: &[&str]) -> Result<Self> {
+        Self::busybox_with_files(name, cmd, &[])
+    }
+
+    /// A busybox image named `name` whose default command is `cmd`, with `files` added (their
+    /// parent directories are created as needed): a program and the libraries it links, say.
+    pub fn busybox_with_files(name: &str, cmd: &[&str], files: &[ImageFile]) -> Result<Self> {
         // Tests of one binary build the same image concurrently: build it once.
         static BUILDING: Mutex<()> = Mutex::new(());
         let _guard = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
@@ -58,11 +64,17 @@ impl TestImage {
         key.update(name);
         key.update(serde_json::to_vec(cmd)?);
         key.update(&busybox);
+        for f in files {
+            key.update(f.path.as_bytes());
+            key.update(f.mode.to_le_bytes());
+            key.update((f.contents.len() as u64).to_le_bytes());
+            key.update(&f.contents);
+        }
         let key = hex(&key.finalize());
         let file_name = format!("{}-{}.tar", sanitize(name), &key[..16]);
         let archive = image_cache_dir().join(file_name);
         if !archive.exists() {
-            let bytes = build_layout(name, cmd, &busybox)?;
+            let bytes = build_layout(name, cmd, &busybox, files)?;
             fs::create_dir_all(image_cache_dir())?;
             // Written aside and renamed so that another test process never reads half a file.
             let partial = archive.with_extension(format!("partial.{}", std::process::id()));
@@ -76,6 +88,15 @@ impl TestImage {
     }
 }
 
+/// A regular file of a test image.
+#[derive(Debug, Clone)]
+pub struct ImageFile {
+    /// Path in the image, relative (`lib/x86_64-linux-gnu/libc.so.6`) or absolute.
+    pub path: String,
+    pub mode: u32,
+    pub contents: Vec<u8>,
+}
+
 /// `<workspace>/target/mig-e2e/images`, or under `CARGO_TARGET_DIR` when set.
 pub fn image_cache_dir() -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
@@ -84,9 +105,14 @@ pub fn image_cache_dir() -> PathBuf {
     target.join("mig-e2e").join("images")
 }
 
-fn build_layout(name: &str, cmd: &[&str], busybox: &[u8]) -> Result<Vec<u8>> {
-    let layer = rootfs_layer(busybox)?;
-    let layer_digest = sha256(&layer);
+fn build_layout(name: &str, cmd: &[&str], busybox: &[u8], files: &[ImageFile]) -> Result<Vec<u8>> {
+    layout(name, cmd, &rootfs_layer(busybox, files)?)
+}
+
+/// An OCI image layout tar of one image named `name`, with one uncompressed `layer` (a tar) and
+/// default command `cmd`.
+pub(crate) fn layout(name: &str, cmd: &[&str], layer: &[u8]) -> Result<Vec<u8>> {
+    let layer_digest = sha256(layer);
     let config = serde_json::to_vec(&json!({
         "architecture": oci_arch(),
         "os": "linux",
@@ -131,18 +157,18 @@ fn build_layout(name: &str, cmd: &[&str], busybox: &[u8]) -> Result<Vec<u8>> {
     tar.dir("blobs", 0o755)?;
     tar.dir("blobs/sha256", 0o755)?;
     for (digest, blob) in [
-        (layer_digest, &layer),
-        (config_digest, &config),
-        (manifest_digest, &manifest),
+        (layer_digest, layer),
+        (config_digest, &config[..]),
+        (manifest_digest, &manifest[..]),
     ] {
         tar.file(&format!("blobs/sha256/{digest}"), 0o644, blob)?;
     }
     Ok(tar.finish())
 }
 
-/// The root filesystem: busybox, a symlink per applet it was built with, and the few files and
-/// directories a shell expects.
-fn rootfs_layer(busybox: &[u8]) -> Result<Vec<u8>> {
+/// The root filesystem: busybox, a symlink per applet it was built with, the few files and
+/// directories a shell expects, and `files`.
+fn rootfs_layer(busybox: &[u8], files: &[ImageFile]) -> Result<Vec<u8>> {
     let list = Command::new(BUSYBOX)
         .arg("--list")
         .output()
@@ -156,10 +182,13 @@ fn rootfs_layer(busybox: &[u8]) -> Result<Vec<u8>> {
     applets.dedup();
 
     let mut tar = Tar::new();
+    let mut dirs: Vec<String> = Vec::new();
     for dir in ["bin", "dev", "etc", "proc", "root", "run", "sys", "var"] {
         tar.dir(dir, 0o755)?;
+        dirs.push(dir.to_string());
     }
     tar.dir("tmp", 0o1777)?;
+    dirs.push("tmp".to_string());
     tar.file("bin/busybox", 0o755, busybox)?;
     for applet in &applets {
         tar.symlink(&format!("bin/{applet}"), "busybox")?;
@@ -171,6 +200,26 @@ fn rootfs_layer(busybox: &[u8]) -> Result<Vec<u8>> {
     )?;
     tar.file("etc/group", 0o644, b"root:x:0:\nnogroup:x:65534:\n")?;
     tar.file("etc/hostname", 0o644, b"mig\n")?;
+    for f in files {
+        let path = f.path.trim_start_matches('/');
+        let mut parent = String::new();
+        for part in path
+            .split('/')
+            .collect::<Vec<_>>()
+            .split_last()
+            .map_or(&[][..], |(_, p)| p)
+        {
+            if !parent.is_empty() {
+                parent.push('/');
+            }
+            parent.push_str(part);
+            if !dirs.contains(&parent) {
+                tar.dir(&parent, 0o755)?;
+                dirs.push(parent.clone());
+            }
+        }
+        tar.file(path, f.mode, &f.contents)?;
+    }
     Ok(tar.finish())
 }
 
@@ -247,8 +296,8 @@ mod tests {
             return;
         }
         assert_eq!(
-            build_layout("x:y", &["sh"], fake).unwrap(),
-            build_layout("x:y", &["sh"], fake).unwrap()
+            build_layout("x:y", &["sh"], fake, &[]).unwrap(),
+            build_layout("x:y", &["sh"], fake, &[]).unwrap()
         );
     }
 }

@@ -14,17 +14,19 @@
 //! - `MIG_E2E_KEEP=1`: keep each node's directory (config, log) after the test.
 
 pub mod command;
+pub mod cri;
 pub mod image;
 pub mod leftovers;
 pub mod node;
+pub mod pause;
 pub mod prereq;
 pub mod shim_test;
 mod tar;
 
 use std::path::PathBuf;
 
-pub use image::TestImage;
-pub use node::{Node, NodeOptions};
+pub use image::{ImageFile, TestImage};
+pub use node::{Node, NodeOptions, unique_namespace};
 pub use prereq::{Skip, require_root_and_tools};
 pub use shim_test::ShimTest;
 

@@ -6,6 +6,7 @@
 //! the cgroups ctr asks for (`/<ns>/<id>`). Shim sockets (`/run/containerd/s/<hash>`) are keyed
 //! by containerd's address and never collide.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs;
 use std::os::unix::process::CommandExt;
@@ -39,6 +40,29 @@ pub struct NodeOptions {
     pub namespace: Option<String>,
     /// TOML appended to the generated config.toml (must not repeat its tables).
     pub extra_config: String,
+    /// Environment variables of containerd, which its shims inherit (`MIG_STATE_DIR`...).
+    pub env: BTreeMap<String, String>,
+    /// The given `namespace` belongs to this test alone (see [`unique_namespace`]; nodes of
+    /// one migration share it): its host-wide leftovers are removed at teardown, as for a
+    /// namespace made up by the node. Nodes sharing a namespace also share the cgroups ctr
+    /// makes (`/<ns>/<id>`), so [`Node::processes`] of one sees the other's containers.
+    pub owns_namespace: bool,
+}
+
+/// A containerd namespace unique to this process and call, from `name`: for nodes that must
+/// share one (a container keeps its namespace when it migrates).
+pub fn unique_namespace(name: &str) -> String {
+    let short: String = sanitize(name).chars().take(12).collect();
+    format!("{}-{}", short.trim_end_matches('-'), unique_suffix())
+}
+
+fn unique_suffix() -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// A running private containerd. Dropping it kills its tasks, stops containerd, unmounts what
@@ -62,20 +86,13 @@ impl Node {
     }
 
     pub fn start_with(name: &str, options: NodeOptions) -> Result<Self> {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let unique = format!(
-            "{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
-        let own_namespace = options.namespace.is_none();
+        let own_namespace = options.namespace.is_none() || options.owns_namespace;
         // Short names, because unix socket paths (at most 107 bytes) get built below the
         // node's state directory: `<dir>/state/io.containerd.runtime.v2.task/<ns>/<id>/...`.
-        let short: String = sanitize(name).chars().take(12).collect();
         let namespace = options
             .namespace
             .clone()
-            .unwrap_or_else(|| format!("{}-{unique}", short.trim_end_matches('-')));
+            .unwrap_or_else(|| unique_namespace(name));
         let dir = tempfile::Builder::new()
             .prefix("mig-")
             .tempdir_in(std::env::temp_dir())
@@ -108,6 +125,7 @@ impl Node {
         cmd.arg("--config")
             .arg(&config)
             .env("PATH", std::env::join_paths(dirs)?)
+            .envs(&options.env)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -525,9 +543,24 @@ disabled_plugins = [{disabled}]
         found
     }
 
-    /// runc's state directory and the empty cgroups of this node's namespace.
+    /// runc's state directories (containerd's shim's and ours) and the empty cgroups of this
+    /// node's namespace.
     fn remove_host_wide_state(&self) {
         let _ = fs::remove_dir_all(Path::new("/run/containerd/runc").join(&self.namespace));
+        // Our shim's runc root: /run/containerd/mig/<FNV-1a of the address>/<namespace>
+        // (shim/src/shim.rs, runc_root). Removed only when empty: runc state of a live
+        // container is not ours to delete.
+        let hash = self
+            .address
+            .as_os_str()
+            .as_encoded_bytes()
+            .iter()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+            });
+        let mig_root = Path::new("/run/containerd/mig").join(format!("{hash:016x}"));
+        let _ = fs::remove_dir(mig_root.join(&self.namespace));
+        let _ = fs::remove_dir(&mig_root);
         let Ok(hierarchies) = fs::read_dir("/sys/fs/cgroup") else {
             return;
         };
