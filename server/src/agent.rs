@@ -1,0 +1,622 @@
+//! [`NodeAgent`]: the per-node half of a migration. It checkpoints containers through our shim,
+//! streams checkpoints to another agent, receives them, restores, rolls back and cleans up.
+//!
+//! Node state lives under the state dir (`MIG_STATE_DIR`, shared with the shim):
+//!
+//! ```text
+//! checkpoints/                 the mig_checkpoint::Store the shim writes and restores from
+//! marks/<key>.json             {"migration": id}: tells the shim to checkpoint on the next kill
+//! migrations/<id>/<key>.json   the container record of each container of migration <id>
+//!                              (origin: taken before the checkpoint; destination: received)
+//! migrations/<id>/<key>.created  destination only: we created this container, abort deletes it
+//! ```
+//!
+//! The per-migration records are what make abort and rollback possible after the agent
+//! restarts: they say which containers and checkpoints belong to the migration.
+
+use std::fs::{self, DirBuilder, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mig_checkpoint::{SafeName, Store, WorkloadIdentity};
+use tracing::{info, warn};
+
+use crate::containerd::{
+    ContainerInfo, Containerd, ContainerdError, POD_LABEL, TaskStatus, WORKLOAD_LABEL,
+};
+use crate::migration::Target;
+use crate::protocol::{ActionReport, CheckpointSummary};
+
+/// What a node agent operation failed on; the HTTP layer maps it to a status code.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The request names something invalid.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The request names something that does not exist here.
+    #[error("{0}")]
+    NotFound(String),
+    /// The request conflicts with the current state (container not running, already exists).
+    #[error("{0}")]
+    Conflict(String),
+    /// containerd refused or failed.
+    #[error(transparent)]
+    Containerd(#[from] ContainerdError),
+    /// Checkpointing a container failed; it keeps running.
+    #[error("checkpoint of container {container} failed: {reason}")]
+    Checkpoint {
+        /// The container.
+        container: String,
+        /// Why.
+        reason: String,
+    },
+    /// The checkpoint store failed.
+    #[error("checkpoint store: {0}")]
+    Store(#[from] mig_checkpoint::Error),
+    /// The checkpoint stream failed.
+    #[error(transparent)]
+    Stream(#[from] crate::stream::StreamError),
+    /// The other agent failed or could not be reached.
+    #[error("{0}")]
+    Peer(String),
+    /// Something did not happen in time.
+    #[error("{0}")]
+    Timeout(String),
+    /// Local file handling failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> AgentError {
+    let what = what.into();
+    move |source| AgentError::Io { what, source }
+}
+
+/// Validates a name from a request before it goes near a path or a command line.
+pub fn safe(what: &str, name: &str) -> Result<SafeName, AgentError> {
+    SafeName::new(name).map_err(|e| {
+        AgentError::BadRequest(format!(
+            "invalid {what} {name:?}: {e}; expected 1-200 characters of [A-Za-z0-9._-] starting with a letter or digit"
+        ))
+    })
+}
+
+/// How a node agent is set up.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The node's name.
+    pub name: String,
+    /// The state dir shared with the shim.
+    pub state_dir: PathBuf,
+    /// The runtime type containers are created with on restore, and must have to be migrated.
+    pub runtime: String,
+    /// zstd level for outgoing streams; 1 keeps up with a 10 Gbit/s link on one core.
+    pub zstd_level: i32,
+    /// How long to wait for a task to stop (checkpoint) or run (restore).
+    pub wait_timeout: Duration,
+}
+
+/// One node's agent.
+pub struct NodeAgent {
+    pub(crate) config: AgentConfig,
+    pub(crate) store: Store,
+    pub(crate) containerd: Arc<dyn Containerd>,
+}
+
+impl NodeAgent {
+    /// Opens the state dir (creating `checkpoints/`, `marks/`, `migrations/`).
+    pub fn new(config: AgentConfig, containerd: Arc<dyn Containerd>) -> Result<Self, AgentError> {
+        let store = Store::open(config.state_dir.join("checkpoints"))?;
+        for dir in ["marks", "migrations"] {
+            private_dir(&config.state_dir.join(dir))?;
+        }
+        remove_orphaned_receives(&store);
+        // Leftovers of transfers interrupted by a crash; an hour protects live ones.
+        match store.remove_stale(Duration::from_secs(3600)) {
+            Ok(n) if n > 0 => info!(removed = n, "removed stale checkpoint leftovers"),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "cannot clean stale checkpoint leftovers"),
+        }
+        Ok(Self {
+            config,
+            store,
+            containerd,
+        })
+    }
+
+    /// The node's name.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// The node's checkpoint store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn migration_dir(&self, migration: &SafeName) -> PathBuf {
+        self.config.state_dir.join("migrations").join(migration)
+    }
+
+    fn identity(namespace: &SafeName, id: &SafeName) -> Result<WorkloadIdentity, AgentError> {
+        Ok(WorkloadIdentity::container(
+            namespace.as_str(),
+            id.as_str(),
+        )?)
+    }
+
+    /// The containers of `target` in `namespace`.
+    pub async fn resolve(
+        &self,
+        namespace: &str,
+        target: &Target,
+    ) -> Result<Vec<String>, AgentError> {
+        let ns = safe("namespace", namespace)?;
+        let (ids, what) = match target {
+            Target::Deployment(name) | Target::Pod(name) => {
+                let name = safe("workload name", name)?;
+                let label = if matches!(target, Target::Deployment(_)) {
+                    WORKLOAD_LABEL
+                } else {
+                    POD_LABEL
+                };
+                let ids = self
+                    .containerd
+                    .list_by_label(ns.as_str(), label, name.as_str())
+                    .await?;
+                (ids, format!("containers labelled {label}={name}"))
+            }
+            Target::Container(id) => {
+                let id = safe("container id", id)?;
+                match self.containerd.info(ns.as_str(), id.as_str()).await {
+                    Ok(_) => (vec![id.to_string()], String::new()),
+                    Err(ContainerdError::NotFound { .. }) => (vec![], format!("container {id}")),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        };
+        if ids.is_empty() {
+            return Err(AgentError::NotFound(format!(
+                "no {what} in namespace {ns} on node {}",
+                self.config.name
+            )));
+        }
+        Ok(ids)
+    }
+
+    /// Checkpoints each container through the shim: mark, SIGTERM, wait until stopped, check
+    /// the store. Stops at the first failure; the containers not yet killed keep running.
+    pub async fn checkpoint(
+        &self,
+        migration: &str,
+        namespace: &str,
+        containers: &[String],
+    ) -> Result<Vec<CheckpointSummary>, AgentError> {
+        let migration = safe("migration id", migration)?;
+        let ns = safe("namespace", namespace)?;
+        let dir = self.migration_dir(&migration);
+        private_dir(&dir)?;
+        let mut summaries = Vec::new();
+        for id in containers {
+            let id = safe("container id", id)?;
+            summaries.push(self.checkpoint_one(&migration, &ns, &id, &dir).await?);
+        }
+        Ok(summaries)
+    }
+
+    async fn checkpoint_one(
+        &self,
+        migration: &SafeName,
+        ns: &SafeName,
+        id: &SafeName,
+        dir: &Path,
+    ) -> Result<CheckpointSummary, AgentError> {
+        let info = self.containerd.info(ns.as_str(), id.as_str()).await?;
+        // Killing a container of another runtime would lose its state: only our shim turns the
+        // kill into a checkpoint.
+        if info.runtime != self.config.runtime {
+            return Err(AgentError::Conflict(format!(
+                "container {id} runs with runtime {:?}; only containers of runtime {} can be checkpointed",
+                info.runtime, self.config.runtime
+            )));
+        }
+        let status = self
+            .containerd
+            .task_status(ns.as_str(), id.as_str())
+            .await?;
+        if status != Some(TaskStatus::Running) {
+            return Err(AgentError::Conflict(format!(
+                "container {id} is {status:?}, expected a running task to checkpoint"
+            )));
+        }
+        let identity = Self::identity(ns, id)?;
+        let key = identity.safe_key();
+        // A checkpoint left from an earlier attempt must not pass for this one.
+        self.store.remove(&identity)?;
+        write_json(&dir.join(format!("{key}.json")), &info)?;
+        let mark = self.mark_path(&key);
+        write_json(
+            &mark,
+            &serde_json::json!({ "migration": migration.as_str() }),
+        )?;
+        info!(container_id = %id, migration = %migration, "checkpointing through the shim");
+        if let Err(e) = self
+            .containerd
+            .kill(ns.as_str(), id.as_str(), "SIGTERM")
+            .await
+        {
+            remove_if_exists(&mark);
+            return Err(AgentError::Checkpoint {
+                container: id.to_string(),
+                reason: format!("{e} (the container keeps running)"),
+            });
+        }
+        self.wait_for(ns, id, "stop after its checkpoint", |s| {
+            matches!(s, None | Some(TaskStatus::Stopped))
+        })
+        .await?;
+        let checkpoint = self
+            .store
+            .pending(&identity)?
+            .ok_or_else(|| AgentError::Checkpoint {
+                container: id.to_string(),
+                reason: format!(
+                    "the task stopped but no checkpoint appeared in {}; did the shim see the mark?",
+                    self.store.path_for(&identity).display()
+                ),
+            })?;
+        Ok(CheckpointSummary {
+            container: id.to_string(),
+            bytes: checkpoint.files().iter().map(|f| f.size).sum(),
+            files: checkpoint.files().len(),
+        })
+    }
+
+    fn mark_path(&self, key: &SafeName) -> PathBuf {
+        self.config
+            .state_dir
+            .join("marks")
+            .join(format!("{key}.json"))
+    }
+
+    /// The container record saved for `id` by [`NodeAgent::checkpoint`].
+    pub(crate) fn saved_info(
+        &self,
+        migration: &SafeName,
+        identity: &WorkloadIdentity,
+    ) -> Result<ContainerInfo, AgentError> {
+        let path = self
+            .migration_dir(migration)
+            .join(format!("{}.json", identity.safe_key()));
+        let bytes = fs::read(&path).map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                AgentError::NotFound(format!(
+                    "{identity} has no record for migration {migration} on node {}; checkpoint it first",
+                    self.config.name
+                ))
+            } else {
+                AgentError::Io {
+                    what: format!("read {}", path.display()),
+                    source: e,
+                }
+            }
+        })?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| AgentError::BadRequest(format!("corrupt record {}: {e}", path.display())))
+    }
+
+    /// Records a received container (destination side).
+    pub(crate) fn record_received(
+        &self,
+        migration: &SafeName,
+        info: &ContainerInfo,
+    ) -> Result<(), AgentError> {
+        let identity = WorkloadIdentity::container(info.namespace.as_str(), info.id.as_str())?;
+        let dir = self.migration_dir(migration);
+        private_dir(&dir)?;
+        write_json(&dir.join(format!("{}.json", identity.safe_key())), info)
+    }
+
+    /// The containers received for `migration`, in a stable order.
+    fn received(&self, migration: &SafeName) -> Result<Vec<(ContainerInfo, PathBuf)>, AgentError> {
+        let dir = self.migration_dir(migration);
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(vec![]),
+            Err(e) => return Err(io_err(format!("read {}", dir.display()))(e)),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let path = entry
+                .map_err(io_err(format!("read {}", dir.display())))?
+                .path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            let bytes = fs::read(&path).map_err(io_err(format!("read {}", path.display())))?;
+            let info: ContainerInfo = serde_json::from_slice(&bytes).map_err(|e| {
+                AgentError::BadRequest(format!("corrupt record {}: {e}", path.display()))
+            })?;
+            out.push((info, path.with_extension("created")));
+        }
+        out.sort_by(|a, b| a.0.id.cmp(&b.0.id));
+        Ok(out)
+    }
+
+    /// Creates and starts every container received for `migration` with our runtime (the shim
+    /// restores each from its pending checkpoint) and waits until all run.
+    pub async fn restore(&self, migration: &str) -> Result<ActionReport, AgentError> {
+        let migration = safe("migration id", migration)?;
+        let received = self.received(&migration)?;
+        if received.is_empty() {
+            return Err(AgentError::NotFound(format!(
+                "nothing was received for migration {migration} on node {}",
+                self.config.name
+            )));
+        }
+        let mut report = ActionReport::default();
+        for (info, created_marker) in received {
+            let ns = safe("namespace", &info.namespace)?;
+            let id = safe("container id", &info.id)?;
+            match self.containerd.info(ns.as_str(), id.as_str()).await {
+                Ok(_) if created_marker.exists() => {}
+                Ok(_) => {
+                    return Err(AgentError::Conflict(format!(
+                        "container {ns}/{id} already exists on node {}; expected no container of that id",
+                        self.config.name
+                    )));
+                }
+                Err(ContainerdError::NotFound { .. }) => {
+                    fs::write(&created_marker, b"")
+                        .map_err(io_err(format!("write {}", created_marker.display())))?;
+                    self.containerd.create(&info, &self.config.runtime).await?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+            info!(container_id = %id, migration = %migration, "starting restored container");
+            self.containerd.start_task(ns.as_str(), id.as_str()).await?;
+            self.wait_for(&ns, &id, "run after restore", |s| {
+                s == Some(TaskStatus::Running)
+            })
+            .await?;
+            report
+                .done
+                .push(format!("{id} restored and running on {}", self.config.name));
+        }
+        remove_dir_if_exists(&self.migration_dir(&migration));
+        Ok(report)
+    }
+
+    /// Destination side of a failed migration: deletes the containers this agent created for
+    /// it and every checkpoint received for it.
+    pub async fn abort(&self, migration: &str) -> Result<ActionReport, AgentError> {
+        let migration = safe("migration id", migration)?;
+        let mut report = ActionReport::default();
+        for (info, created_marker) in self.received(&migration)? {
+            let (ns, id) = (info.namespace.as_str(), info.id.as_str());
+            if created_marker.exists() {
+                if let Err(e) = self.containerd.delete_task(ns, id, true).await {
+                    warn!(container_id = %id, error = %e, "deleting task on abort");
+                }
+                match self.containerd.delete_container(ns, id).await {
+                    // create itself failed: there was nothing to delete.
+                    Err(ContainerdError::NotFound { .. }) => {}
+                    Ok(()) => report
+                        .done
+                        .push(format!("deleted container {id} on {}", self.config.name)),
+                    Err(e) => report
+                        .done
+                        .push(format!("could not delete container {id}: {e}")),
+                }
+            }
+            let identity = WorkloadIdentity::container(ns, id)?;
+            if self.store.remove(&identity)? {
+                report.done.push(format!(
+                    "removed received checkpoint of {id} on {}",
+                    self.config.name
+                ));
+            }
+        }
+        remove_dir_if_exists(&self.migration_dir(&migration));
+        Ok(report)
+    }
+
+    /// Origin side of a failed migration: every listed container runs again. A stopped one
+    /// gets a new task, which our shim restores from the checkpoint still pending here.
+    pub async fn rollback(
+        &self,
+        migration: &str,
+        namespace: &str,
+        containers: &[String],
+    ) -> Result<ActionReport, AgentError> {
+        let migration = safe("migration id", migration)?;
+        let ns = safe("namespace", namespace)?;
+        let mut report = ActionReport::default();
+        for id in containers {
+            let id = safe("container id", id)?;
+            let identity = Self::identity(&ns, &id)?;
+            remove_if_exists(&self.mark_path(&identity.safe_key()));
+            match self
+                .containerd
+                .task_status(ns.as_str(), id.as_str())
+                .await?
+            {
+                Some(TaskStatus::Running) => {
+                    report
+                        .done
+                        .push(format!("{id} was still running on {}", self.config.name));
+                    continue;
+                }
+                Some(_) => {
+                    self.containerd
+                        .delete_task(ns.as_str(), id.as_str(), false)
+                        .await?
+                }
+                None => {}
+            }
+            self.containerd.start_task(ns.as_str(), id.as_str()).await?;
+            self.wait_for(&ns, &id, "run again after rollback", |s| {
+                s == Some(TaskStatus::Running)
+            })
+            .await?;
+            report.done.push(format!(
+                "{id} restored on {} from its own checkpoint",
+                self.config.name
+            ));
+            report.restored.push(id.to_string());
+        }
+        remove_dir_if_exists(&self.migration_dir(&migration));
+        Ok(report)
+    }
+
+    /// Origin side of a successful migration: deletes the stopped containers and their
+    /// checkpoints, so nothing restores them here again.
+    pub async fn finish(
+        &self,
+        migration: &str,
+        namespace: &str,
+        containers: &[String],
+    ) -> Result<ActionReport, AgentError> {
+        let migration = safe("migration id", migration)?;
+        let ns = safe("namespace", namespace)?;
+        let mut report = ActionReport::default();
+        for id in containers {
+            let id = safe("container id", id)?;
+            let identity = Self::identity(&ns, &id)?;
+            if self
+                .containerd
+                .task_status(ns.as_str(), id.as_str())
+                .await?
+                .is_some()
+            {
+                self.containerd
+                    .delete_task(ns.as_str(), id.as_str(), true)
+                    .await?;
+            }
+            self.containerd
+                .delete_container(ns.as_str(), id.as_str())
+                .await?;
+            self.store.remove(&identity)?;
+            remove_if_exists(&self.mark_path(&identity.safe_key()));
+            report
+                .done
+                .push(format!("{id} removed from {}", self.config.name));
+        }
+        remove_dir_if_exists(&self.migration_dir(&migration));
+        Ok(report)
+    }
+
+    async fn wait_for(
+        &self,
+        ns: &SafeName,
+        id: &SafeName,
+        what: &str,
+        done: impl Fn(Option<TaskStatus>) -> bool,
+    ) -> Result<(), AgentError> {
+        let start = Instant::now();
+        loop {
+            let status = self
+                .containerd
+                .task_status(ns.as_str(), id.as_str())
+                .await?;
+            if done(status) {
+                return Ok(());
+            }
+            if start.elapsed() > self.config.wait_timeout {
+                return Err(AgentError::Timeout(format!(
+                    "container {id} did not {what} within {:?} on node {} (task is {status:?})",
+                    self.config.wait_timeout, self.config.name
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Removes temporary checkpoint directories whose writer process is gone (an agent killed
+/// mid-receive), so partial data does not wait an hour for [`Store::remove_stale`]. The store
+/// names them `.tmp-<key>-<pid>-<nanos>-<n>`; a live pid (the shim writing a checkpoint right
+/// now) keeps its directory.
+fn remove_orphaned_receives(store: &Store) {
+    let Ok(entries) = fs::read_dir(store.root()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str().filter(|n| n.starts_with(".tmp-")) else {
+            continue;
+        };
+        let Some(pid) = name.rsplit('-').nth(2).and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            info!(dir = %name, pid, "removing partial checkpoint of a dead writer");
+            remove_dir_if_exists(&entry.path());
+        }
+    }
+}
+
+fn private_dir(dir: &Path) -> Result<(), AgentError> {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io_err(format!("create {}", dir.display())))
+}
+
+/// Writes JSON atomically (temp file, fsync, rename) with mode 0600: the shim must never read
+/// a half-written mark.
+fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<(), AgentError> {
+    let bytes = serde_json::to_vec_pretty(value).map_err(|e| AgentError::Io {
+        what: format!("encode {}", path.display()),
+        source: io::Error::other(e),
+    })?;
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("record");
+    let tmp = path.with_file_name(format!(".tmp-{name}-{}", std::process::id()));
+    let write = || -> io::Result<()> {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    };
+    write().map_err(|e| {
+        remove_if_exists(&tmp);
+        AgentError::Io {
+            what: format!("write {}", path.display()),
+            source: e,
+        }
+    })
+}
+
+fn remove_if_exists(path: &Path) {
+    if let Err(e) = fs::remove_file(path)
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        warn!(path = %path.display(), error = %e, "cannot remove");
+    }
+}
+
+fn remove_dir_if_exists(path: &Path) {
+    if let Err(e) = fs::remove_dir_all(path)
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        warn!(path = %path.display(), error = %e, "cannot remove");
+    }
+}

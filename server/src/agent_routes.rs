@@ -1,0 +1,121 @@
+//! The node agent's HTTP API, `/agent/v1/...`. Only the controller and other agents call it;
+//! every route requires the bearer token, reads included, since they reveal node state.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::middleware;
+use axum::routing::post;
+use axum::{Json, response::IntoResponse};
+
+use crate::agent::NodeAgent;
+use crate::auth::{Token, require_token};
+use crate::http::{ApiError, parse_json};
+use crate::protocol::{ContainersRequest, ResolveRequest, SendRequest};
+
+/// What the agent routes share.
+#[derive(Clone)]
+pub struct AgentState {
+    /// The agent.
+    pub agent: Arc<NodeAgent>,
+    /// Client for streaming to other agents.
+    pub http: reqwest::Client,
+    /// The cluster token, presented to other agents.
+    pub token: Token,
+}
+
+const CONTAINERS: &str =
+    r#"{"migration":"<id>","namespace":"<containerd namespace>","containers":["<id>",...]}"#;
+
+/// The `/agent/v1` routes.
+pub fn router(state: AgentState) -> Router {
+    let token = state.token.clone();
+    Router::new()
+        .route("/agent/v1/resolve", post(resolve))
+        .route("/agent/v1/checkpoint", post(checkpoint))
+        .route("/agent/v1/send", post(send))
+        .route("/agent/v1/receive/{migration}", post(receive))
+        .route("/agent/v1/restore", post(restore))
+        .route("/agent/v1/abort", post(abort))
+        .route("/agent/v1/rollback", post(rollback))
+        .route("/agent/v1/finish", post(finish))
+        .layer(middleware::from_fn_with_state(token, require_token))
+        .with_state(state)
+}
+
+async fn resolve(State(s): State<AgentState>, body: Bytes) -> Result<impl IntoResponse, ApiError> {
+    let req: ResolveRequest = parse_json(
+        &body,
+        r#"{"namespace":"<ns>","target":{"kind":"deployment|pod|container","name":"<name>"}}"#,
+    )?;
+    Ok(Json(s.agent.resolve(&req.namespace, &req.target).await?))
+}
+
+async fn checkpoint(
+    State(s): State<AgentState>,
+    body: Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    let req: ContainersRequest = parse_json(&body, CONTAINERS)?;
+    Ok(Json(
+        s.agent
+            .checkpoint(&req.migration, &req.namespace, &req.containers)
+            .await?,
+    ))
+}
+
+async fn send(State(s): State<AgentState>, body: Bytes) -> Result<impl IntoResponse, ApiError> {
+    let req: SendRequest = parse_json(
+        &body,
+        r#"{"migration":"<id>","namespace":"<ns>","containers":["<id>"],"destination":"http://host:port"}"#,
+    )?;
+    Ok(Json(
+        s.agent
+            .send(
+                &s.http,
+                &s.token,
+                &req.migration,
+                &req.namespace,
+                &req.containers,
+                &req.destination,
+            )
+            .await?,
+    ))
+}
+
+async fn receive(
+    State(s): State<AgentState>,
+    Path(migration): Path<String>,
+    body: Body,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(s.agent.receive(&migration, body).await?))
+}
+
+async fn restore(State(s): State<AgentState>, body: Bytes) -> Result<impl IntoResponse, ApiError> {
+    let req: ContainersRequest = parse_json(&body, CONTAINERS)?;
+    Ok(Json(s.agent.restore(&req.migration).await?))
+}
+
+async fn abort(State(s): State<AgentState>, body: Bytes) -> Result<impl IntoResponse, ApiError> {
+    let req: ContainersRequest = parse_json(&body, CONTAINERS)?;
+    Ok(Json(s.agent.abort(&req.migration).await?))
+}
+
+async fn rollback(State(s): State<AgentState>, body: Bytes) -> Result<impl IntoResponse, ApiError> {
+    let req: ContainersRequest = parse_json(&body, CONTAINERS)?;
+    Ok(Json(
+        s.agent
+            .rollback(&req.migration, &req.namespace, &req.containers)
+            .await?,
+    ))
+}
+
+async fn finish(State(s): State<AgentState>, body: Bytes) -> Result<impl IntoResponse, ApiError> {
+    let req: ContainersRequest = parse_json(&body, CONTAINERS)?;
+    Ok(Json(
+        s.agent
+            .finish(&req.migration, &req.namespace, &req.containers)
+            .await?,
+    ))
+}

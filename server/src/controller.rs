@@ -1,0 +1,415 @@
+//! [`Controller`]: accepts migrations, drives them through the node agents, keeps the records.
+//!
+//! The order of a migration is what keeps the workload safe: the origin's containers are only
+//! deleted after the destination reports them running, and every failure after the origin
+//! stopped ends with the destination cleaned (abort) and the origin restored from its own
+//! checkpoint (rollback).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use mig_checkpoint::SafeName;
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::migration::{Migration, Phase, Target};
+use crate::node_client::{NodeApi, NodeCallError};
+use crate::protocol::{ContainersRequest, ResolveRequest, SendRequest};
+use crate::registry::{NodeInfo, PodInfo, Registry, normalise_address};
+
+/// `POST /migrate`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// Containers labelled `mig.dev/workload=<deployment>`.
+    pub deployment: Option<String>,
+    /// Containers labelled `mig.dev/pod=<pod>`.
+    pub pod: Option<String>,
+    /// One container id.
+    pub container: Option<String>,
+    /// containerd namespace (default: the controller's `--namespace`).
+    pub namespace: Option<String>,
+    /// Node to leave.
+    pub origin_node: String,
+    /// Node to go to.
+    pub dest_node: String,
+}
+
+/// Why a request was refused; the API maps each to a status.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    /// The request is invalid (400).
+    #[error("{message}")]
+    BadRequest {
+        /// What was wrong.
+        message: String,
+        /// What would be accepted.
+        expected: String,
+    },
+    /// A node or workload does not exist (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// The workload is already migrating (409).
+    #[error("{0}")]
+    Conflict(String),
+    /// A node agent failed while checking the request (502).
+    #[error(transparent)]
+    Node(#[from] NodeCallError),
+}
+
+fn bad(message: impl Into<String>, expected: impl Into<String>) -> ControllerError {
+    ControllerError::BadRequest {
+        message: message.into(),
+        expected: expected.into(),
+    }
+}
+
+/// How the controller behaves.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    /// Namespace used when a request names none.
+    pub default_namespace: String,
+    /// Scheme for node addresses registered without one.
+    pub default_scheme: String,
+    /// A migration running longer fails (and rolls back).
+    pub migration_timeout: Duration,
+}
+
+/// The controller.
+pub struct Controller {
+    config: ControllerConfig,
+    nodes_api: Arc<dyn NodeApi>,
+    registry: Mutex<Registry>,
+    migrations: Mutex<BTreeMap<String, Migration>>,
+    /// (namespace, target) -> migration id, for the 409 on a second migration of a workload.
+    active: Mutex<HashMap<(String, Target), String>>,
+    counter: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock leaves plain data behind; keep serving it.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// How far a migration got before it failed, which decides the recovery.
+enum Stage {
+    Checkpoint,
+    AfterCheckpoint,
+}
+
+impl Controller {
+    /// A controller reaching agents through `nodes_api`.
+    pub fn new(config: ControllerConfig, nodes_api: Arc<dyn NodeApi>) -> Self {
+        Self {
+            config,
+            nodes_api,
+            registry: Mutex::default(),
+            migrations: Mutex::default(),
+            active: Mutex::default(),
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    /// Registers a node agent; returns whether it is new.
+    pub fn register_node(&self, name: &str, address: &str) -> Result<bool, ControllerError> {
+        let name = SafeName::new(name).map_err(|e| {
+            bad(
+                format!("invalid node name {name:?}: {e}"),
+                "a name of [A-Za-z0-9._-] starting with a letter or digit",
+            )
+        })?;
+        let address = normalise_address(address, &self.config.default_scheme)
+            .map_err(|e| bad(e.to_string(), "http://host:port or host:port"))?;
+        info!(node = %name, %address, "node registered");
+        Ok(lock(&self.registry).register_node(&name, address))
+    }
+
+    /// Registers a pod (original design); returns whether it is new.
+    pub fn register_pod(&self, pod: PodInfo) -> Result<bool, ControllerError> {
+        if let Err(e) = SafeName::new(pod.id.as_str()) {
+            return Err(bad(
+                format!("invalid pod id {:?}: {e}", pod.id),
+                "a name of [A-Za-z0-9._-] starting with a letter or digit",
+            ));
+        }
+        Ok(lock(&self.registry).register_pod(pod))
+    }
+
+    /// Registered nodes.
+    pub fn nodes(&self) -> Vec<NodeInfo> {
+        lock(&self.registry).nodes()
+    }
+
+    /// Registered pods.
+    pub fn pods(&self) -> Vec<PodInfo> {
+        lock(&self.registry).pods()
+    }
+
+    /// One migration record.
+    pub fn migration(&self, id: &str) -> Option<Migration> {
+        lock(&self.migrations).get(id).cloned()
+    }
+
+    /// All migration records, oldest first.
+    pub fn migrations(&self) -> Vec<Migration> {
+        let mut all: Vec<Migration> = lock(&self.migrations).values().cloned().collect();
+        all.sort_by_key(|m| m.created_unix_ms);
+        all
+    }
+
+    fn node(&self, name: &str, role: &str) -> Result<NodeInfo, ControllerError> {
+        let registry = lock(&self.registry);
+        registry.node(name).cloned().ok_or_else(|| {
+            let known: Vec<String> = registry.nodes().into_iter().map(|n| n.name).collect();
+            ControllerError::NotFound(format!(
+                "unknown {role} node {name:?}; registered nodes: [{}]",
+                known.join(", ")
+            ))
+        })
+    }
+
+    fn validate(&self, req: &MigrateRequest) -> Result<(String, Target), ControllerError> {
+        const EXPECTED: &str = r#"{"deployment":"<name>","originNode":"<node>","destNode":"<other node>"} (or "pod" / "container" instead of "deployment"; optional "namespace")"#;
+        let name_ok = |what: &str, name: &str| {
+            SafeName::new(name)
+                .map(|_| name.to_string())
+                .map_err(|e| bad(format!("invalid {what} {name:?}: {e}"), EXPECTED))
+        };
+        let target = match (&req.deployment, &req.pod, &req.container) {
+            (Some(n), None, None) => Target::Deployment(name_ok("deployment", n)?),
+            (None, Some(n), None) => Target::Pod(name_ok("pod", n)?),
+            (None, None, Some(n)) => Target::Container(name_ok("container", n)?),
+            _ => {
+                return Err(bad(
+                    "exactly one of deployment, pod or container must be given",
+                    EXPECTED,
+                ));
+            }
+        };
+        let namespace = req
+            .namespace
+            .clone()
+            .unwrap_or_else(|| self.config.default_namespace.clone());
+        name_ok("namespace", &namespace)?;
+        name_ok("originNode", &req.origin_node)?;
+        name_ok("destNode", &req.dest_node)?;
+        if req.origin_node == req.dest_node {
+            return Err(bad(
+                format!(
+                    "originNode and destNode are both {:?}; a migration needs two different nodes",
+                    req.origin_node
+                ),
+                EXPECTED,
+            ));
+        }
+        Ok((namespace, target))
+    }
+
+    /// Validates and starts a migration in the background; returns its record (pending).
+    pub async fn start(
+        self: &Arc<Self>,
+        req: MigrateRequest,
+    ) -> Result<Migration, ControllerError> {
+        let (namespace, target) = self.validate(&req)?;
+        let origin = self.node(&req.origin_node, "origin")?;
+        let dest = self.node(&req.dest_node, "destination")?;
+        let key = (namespace.clone(), target.clone());
+        let id = self.new_id();
+        {
+            let mut active = lock(&self.active);
+            if let Some(other) = active.get(&key) {
+                return Err(ControllerError::Conflict(format!(
+                    "{target} in namespace {namespace} is already being migrated by {other}; wait for it to finish"
+                )));
+            }
+            active.insert(key.clone(), id.clone());
+        }
+        let resolved = self
+            .nodes_api
+            .resolve(
+                &origin,
+                &ResolveRequest {
+                    namespace: namespace.clone(),
+                    target: target.clone(),
+                },
+            )
+            .await;
+        let containers = match resolved {
+            Ok(c) => c,
+            Err(e) => {
+                lock(&self.active).remove(&key);
+                return Err(if e.status == Some(404) {
+                    ControllerError::NotFound(format!(
+                        "{target} not found on origin node {}: {}",
+                        origin.name, e.message
+                    ))
+                } else {
+                    e.into()
+                });
+            }
+        };
+        let mut record = Migration::new(
+            id.clone(),
+            target,
+            namespace,
+            origin.name.clone(),
+            dest.name.clone(),
+        );
+        record.containers = containers;
+        lock(&self.migrations).insert(id.clone(), record.clone());
+        info!(migration = %id, origin = %origin.name, dest = %dest.name, "migration accepted");
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            this.drive(&id, &origin, &dest).await;
+            lock(&this.active).remove(&key);
+        });
+        Ok(record)
+    }
+
+    fn new_id(&self) -> String {
+        let ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or_default();
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        format!("mig-{ms}-{n}")
+    }
+
+    fn update(&self, id: &str, f: impl FnOnce(&mut Migration)) {
+        if let Some(m) = lock(&self.migrations).get_mut(id) {
+            f(m);
+        }
+    }
+
+    fn advance(&self, id: &str, phase: Phase) {
+        self.update(id, |m| {
+            if let Err(e) = m.advance(phase) {
+                warn!(migration = %id, error = %e, "state machine refused a transition");
+            }
+        });
+    }
+
+    async fn drive(&self, id: &str, origin: &NodeInfo, dest: &NodeInfo) {
+        let Some(record) = self.migration(id) else {
+            return;
+        };
+        let req = ContainersRequest {
+            migration: id.to_string(),
+            namespace: record.namespace.clone(),
+            containers: record.containers.clone(),
+        };
+        let timeout = self.config.migration_timeout;
+        let outcome = match tokio::time::timeout(timeout, self.run(id, origin, dest, &req)).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                let phase = self
+                    .migration(id)
+                    .map(|m| m.phase)
+                    .unwrap_or(Phase::Pending);
+                let stage = if phase <= Phase::Checkpointing {
+                    Stage::Checkpoint
+                } else {
+                    Stage::AfterCheckpoint
+                };
+                Err((
+                    stage,
+                    format!("timed out after {timeout:?} while {}", phase.as_str()),
+                ))
+            }
+        };
+        match outcome {
+            Ok(()) => {
+                // The workload runs on the destination: origin cleanup problems are warnings.
+                if let Err(e) = self.nodes_api.finish(origin, &req).await {
+                    warn!(migration = %id, error = %e, "origin cleanup failed");
+                    self.update(id, |m| m.warnings.push(format!("origin cleanup: {e}")));
+                }
+                info!(migration = %id, "migration done");
+            }
+            Err((stage, reason)) => self.recover(id, origin, dest, &req, stage, reason).await,
+        }
+    }
+
+    async fn run(
+        &self,
+        id: &str,
+        origin: &NodeInfo,
+        dest: &NodeInfo,
+        req: &ContainersRequest,
+    ) -> Result<(), (Stage, String)> {
+        self.advance(id, Phase::Checkpointing);
+        let summaries = self
+            .nodes_api
+            .checkpoint(origin, req)
+            .await
+            .map_err(|e| (Stage::Checkpoint, e.to_string()))?;
+        let bytes = summaries.iter().map(|s| s.bytes).sum();
+        self.update(id, |m| m.checkpoint_bytes = bytes);
+        self.advance(id, Phase::Transferring);
+        let sent = self
+            .nodes_api
+            .send(
+                origin,
+                &SendRequest {
+                    migration: req.migration.clone(),
+                    namespace: req.namespace.clone(),
+                    containers: req.containers.clone(),
+                    destination: dest.address.clone(),
+                },
+            )
+            .await
+            .map_err(|e| (Stage::AfterCheckpoint, e.to_string()))?;
+        self.update(id, |m| m.bytes_transferred = sent.wire_bytes);
+        self.advance(id, Phase::Restoring);
+        self.nodes_api
+            .restore(dest, req)
+            .await
+            .map_err(|e| (Stage::AfterCheckpoint, e.to_string()))?;
+        self.advance(id, Phase::Done);
+        Ok(())
+    }
+
+    async fn recover(
+        &self,
+        id: &str,
+        origin: &NodeInfo,
+        dest: &NodeInfo,
+        req: &ContainersRequest,
+        stage: Stage,
+        reason: String,
+    ) {
+        warn!(migration = %id, %reason, "migration failed; recovering");
+        // The origin first: its restart is the downtime, and it does not depend on the
+        // destination, which may be dead (and make the abort wait for its timeout).
+        let mut recovery = Vec::new();
+        // Also after a failed checkpoint: with several containers some may have stopped.
+        let restored = match self.nodes_api.rollback(origin, req).await {
+            Ok(report) => {
+                recovery.extend(report.done);
+                !report.restored.is_empty()
+            }
+            Err(e) => {
+                recovery.push(format!(
+                    "ROLLBACK FAILED, the workload may not be running: {e}"
+                ));
+                false
+            }
+        };
+        if matches!(stage, Stage::AfterCheckpoint) {
+            match self.nodes_api.abort(dest, req).await {
+                Ok(report) if report.done.is_empty() => {
+                    recovery.push(format!("nothing to clean on {}", dest.name));
+                }
+                Ok(report) => recovery.extend(report.done),
+                Err(e) => recovery.push(format!("cleaning the destination failed: {e}")),
+            }
+        }
+        self.update(id, |m| {
+            if let Err(e) = m.fail(reason, recovery, restored) {
+                warn!(migration = %id, error = %e, "state machine refused failure");
+            }
+        });
+    }
+}

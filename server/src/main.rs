@@ -1,0 +1,229 @@
+//! `mig-server`: `serve` runs the node agent and/or the controller; `migrate`, `status` and
+//! `nodes` are clients of the controller's REST API.
+
+mod cli;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use mig_server::agent::{AgentConfig, NodeAgent};
+use mig_server::agent_routes::AgentState;
+use mig_server::auth::Token;
+use mig_server::containerd::Ctr;
+use mig_server::controller::{Controller, ControllerConfig};
+use mig_server::node_client::HttpNodes;
+use tracing::{info, warn};
+
+#[derive(Parser)]
+#[command(
+    name = "mig-server",
+    version,
+    about = "kubernetes-mig: stateful container migration"
+)]
+struct Args {
+    /// File holding the bearer token (default: the MIG_TOKEN environment variable).
+    #[arg(long, global = true, env = "MIG_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Role {
+    /// Node agent and controller in one process (a single machine).
+    All,
+    /// Node agent only; registers with --controller.
+    Node,
+    /// Controller only.
+    Controller,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve(Box<ServeArgs>),
+    /// Migrate a workload and show its progress.
+    Migrate(cli::MigrateArgs),
+    /// Show one migration, or all.
+    Status(cli::StatusArgs),
+    /// List registered nodes.
+    Nodes(cli::ServerArg),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Which parts to run.
+    #[arg(long, value_enum, default_value = "all")]
+    role: Role,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// This node's name (node role).
+    #[arg(long, env = "MIG_NODE_NAME", default_value = "node01")]
+    node_name: String,
+    /// URL other agents and the controller reach this agent at (default: http://<listen>).
+    #[arg(long)]
+    advertise_url: Option<String>,
+    /// Controller to register with (node role).
+    #[arg(long, env = "MIG_CONTROLLER")]
+    controller: Option<String>,
+    /// containerd socket.
+    #[arg(long, default_value = "/run/containerd/containerd.sock")]
+    containerd_address: PathBuf,
+    /// Default containerd namespace.
+    #[arg(long, default_value = "default")]
+    namespace: String,
+    /// State dir shared with the shim (checkpoints/, marks/).
+    #[arg(long, env = "MIG_STATE_DIR", default_value = "/var/lib/kubernetes-mig")]
+    state_dir: PathBuf,
+    /// Runtime type migrated containers have and are restored with.
+    #[arg(long, default_value = "io.containerd.mig.v2")]
+    runtime: String,
+    /// zstd level of checkpoint streams.
+    #[arg(long, default_value_t = 1)]
+    zstd_level: i32,
+    /// Seconds to wait for a task to stop after its checkpoint, or to run after a restore.
+    #[arg(long, default_value_t = 300)]
+    wait_timeout_secs: u64,
+    /// Seconds after which a migration fails and rolls back.
+    #[arg(long, default_value_t = 900)]
+    migration_timeout_secs: u64,
+    /// Scheme for node addresses registered without one.
+    #[arg(long, default_value = "http")]
+    node_scheme: String,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let token = || Token::load(args.token_file.as_deref()).context("loading the bearer token");
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async move {
+        match args.command {
+            Command::Serve(serve_args) => serve(*serve_args, token()?).await,
+            Command::Migrate(a) => cli::migrate(a, &token()?).await,
+            Command::Status(a) => cli::status(a).await,
+            Command::Nodes(a) => cli::nodes(a).await,
+        }
+    })
+}
+
+async fn serve(args: ServeArgs, token: Token) -> Result<()> {
+    let advertise = args
+        .advertise_url
+        .clone()
+        .unwrap_or_else(|| format!("{}://{}", args.node_scheme, args.listen));
+    let http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .build()
+        .context("building the HTTP client")?;
+    let runs_agent = args.role != Role::Controller;
+    let agent = if runs_agent {
+        let ctr = Ctr::new(
+            &args.containerd_address,
+            Duration::from_secs(args.wait_timeout_secs),
+        );
+        let agent = NodeAgent::new(
+            AgentConfig {
+                name: args.node_name.clone(),
+                state_dir: args.state_dir.clone(),
+                runtime: args.runtime.clone(),
+                zstd_level: args.zstd_level,
+                wait_timeout: Duration::from_secs(args.wait_timeout_secs),
+            },
+            Arc::new(ctr),
+        )
+        .with_context(|| format!("opening the state dir {}", args.state_dir.display()))?;
+        Some(AgentState {
+            agent: Arc::new(agent),
+            http: http.clone(),
+            token: token.clone(),
+        })
+    } else {
+        None
+    };
+    let controller = if args.role != Role::Node {
+        let controller = Arc::new(Controller::new(
+            ControllerConfig {
+                default_namespace: args.namespace.clone(),
+                default_scheme: args.node_scheme.clone(),
+                migration_timeout: Duration::from_secs(args.migration_timeout_secs),
+            },
+            Arc::new(HttpNodes::new(
+                http.clone(),
+                token.clone(),
+                Duration::from_secs(args.migration_timeout_secs),
+            )),
+        ));
+        if runs_agent {
+            controller
+                .register_node(&args.node_name, &advertise)
+                .map_err(|e| anyhow::anyhow!("registering the local node: {e}"))?;
+        }
+        Some(controller)
+    } else {
+        None
+    };
+    if args.role == Role::Node {
+        let Some(url) = args.controller.clone() else {
+            bail!("--role node needs --controller URL to register with");
+        };
+        tokio::spawn(register_loop(
+            http.clone(),
+            token.clone(),
+            url,
+            args.node_name.clone(),
+            advertise.clone(),
+        ));
+    }
+    let app = mig_server::app(controller, agent, token);
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    info!(listen = %args.listen, %advertise, node = %args.node_name, "mig-server serving");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+        .context("serving HTTP")
+}
+
+/// Registers this agent with the controller until it answers; registration is idempotent, so
+/// a controller restart is healed by the agent's next start (or a re-run of this loop).
+async fn register_loop(
+    http: reqwest::Client,
+    token: Token,
+    controller: String,
+    name: String,
+    address: String,
+) {
+    let url = format!("{}/register", controller.trim_end_matches('/'));
+    loop {
+        let result = http
+            .post(&url)
+            .bearer_auth(token.secret())
+            .json(&serde_json::json!({"name": name, "address": address}))
+            .send()
+            .await;
+        match result {
+            Ok(r) if r.status().is_success() => {
+                info!(%url, "registered with the controller");
+                return;
+            }
+            Ok(r) => warn!(%url, status = %r.status(), "controller refused registration"),
+            Err(e) => warn!(%url, error = %e, "controller unreachable; retrying"),
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}

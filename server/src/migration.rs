@@ -1,0 +1,386 @@
+//! The migration record and its state machine.
+//!
+//! ```text
+//! pending -> checkpointing -> transferring -> restoring -> done
+//!    \            \                \              \
+//!     +------------+----------------+--------------+--> failed       (origin untouched, or
+//!                                                                    rollback itself failed)
+//!                                                  +--> rolled_back  (origin stopped, then
+//!                                                                    restored from its own
+//!                                                                    checkpoint)
+//! ```
+//!
+//! Only [`Migration::advance`] and [`Migration::fail`] change the phase, so the record can never
+//! go back to a running phase or leave a terminal one.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+/// Where a migration is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Accepted, not started.
+    Pending,
+    /// The origin is checkpointing (the workload is stopping).
+    Checkpointing,
+    /// The checkpoint is streaming to the destination.
+    Transferring,
+    /// The destination is restoring.
+    Restoring,
+    /// Running on the destination and gone from the origin.
+    Done,
+    /// Failed; the workload was never stopped, or could not be restored anywhere (see reason).
+    Failed,
+    /// Failed after the workload stopped on the origin; it was restored there.
+    RolledBack,
+}
+
+impl Phase {
+    /// Every phase, in order.
+    pub const ALL: [Phase; 7] = [
+        Phase::Pending,
+        Phase::Checkpointing,
+        Phase::Transferring,
+        Phase::Restoring,
+        Phase::Done,
+        Phase::Failed,
+        Phase::RolledBack,
+    ];
+
+    /// Whether the migration is over.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Phase::Done | Phase::Failed | Phase::RolledBack)
+    }
+
+    /// The snake_case name used in JSON and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "pending",
+            Phase::Checkpointing => "checkpointing",
+            Phase::Transferring => "transferring",
+            Phase::Restoring => "restoring",
+            Phase::Done => "done",
+            Phase::Failed => "failed",
+            Phase::RolledBack => "rolled_back",
+        }
+    }
+
+    fn next(self) -> Option<Phase> {
+        match self {
+            Phase::Pending => Some(Phase::Checkpointing),
+            Phase::Checkpointing => Some(Phase::Transferring),
+            Phase::Transferring => Some(Phase::Restoring),
+            Phase::Restoring => Some(Phase::Done),
+            _ => None,
+        }
+    }
+}
+
+/// What a migration moves.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind", content = "name")]
+pub enum Target {
+    /// Containers labelled `mig.dev/workload=<name>` (a Deployment in Kubernetes).
+    Deployment(String),
+    /// Containers labelled `mig.dev/pod=<name>`.
+    Pod(String),
+    /// One container by id.
+    Container(String),
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Deployment(n) => write!(f, "deployment {n}"),
+            Target::Pod(n) => write!(f, "pod {n}"),
+            Target::Container(n) => write!(f, "container {n}"),
+        }
+    }
+}
+
+/// How long a phase took.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PhaseTiming {
+    /// The phase.
+    pub phase: Phase,
+    /// Milliseconds from the migration's creation to the phase's start.
+    pub started_ms: u64,
+    /// Duration, once the phase is over.
+    pub duration_ms: Option<u64>,
+}
+
+/// Why a migration failed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Failure {
+    /// The phase that failed.
+    pub phase: Phase,
+    /// What went wrong, as the failing component said it.
+    pub reason: String,
+    /// What was done about it (rollback, cleanup), and whether that worked.
+    pub recovery: Vec<String>,
+}
+
+/// A transition the state machine does not allow.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("migration {id} cannot go from {from:?} to {to:?}")]
+pub struct TransitionError {
+    id: String,
+    from: Phase,
+    to: Phase,
+}
+
+/// One migration, as `GET /migrations/{id}` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Migration {
+    /// Its id.
+    pub id: String,
+    /// What moves.
+    pub target: Target,
+    /// containerd namespace of the containers.
+    pub namespace: String,
+    /// Node it leaves.
+    pub origin_node: String,
+    /// Node it goes to.
+    pub dest_node: String,
+    /// Current phase.
+    pub phase: Phase,
+    /// The containers moved.
+    pub containers: Vec<String>,
+    /// Creation time, unix milliseconds.
+    pub created_unix_ms: u64,
+    /// Checkpoint bytes (uncompressed).
+    pub checkpoint_bytes: u64,
+    /// Bytes on the wire (compressed).
+    pub bytes_transferred: u64,
+    /// Phases entered so far, with their timings.
+    pub timings: Vec<PhaseTiming>,
+    /// From the moment the origin started stopping to the workload running again (on the
+    /// destination, or on the origin after a rollback).
+    pub downtime_ms: Option<u64>,
+    /// Total duration once terminal.
+    pub duration_ms: Option<u64>,
+    /// Why it failed.
+    pub failure: Option<Failure>,
+    /// Problems that did not fail the migration (e.g. origin cleanup after success).
+    pub warnings: Vec<String>,
+    #[serde(skip)]
+    clock: Clock,
+}
+
+#[derive(Debug, Clone)]
+struct Clock {
+    created: Instant,
+    phase_started: Instant,
+    downtime_started: Option<Instant>,
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        let now = Instant::now();
+        Self {
+            created: now,
+            phase_started: now,
+            downtime_started: None,
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Migration {
+    /// A new pending migration.
+    pub fn new(
+        id: String,
+        target: Target,
+        namespace: String,
+        origin_node: String,
+        dest_node: String,
+    ) -> Self {
+        let created_unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(millis)
+            .unwrap_or_default();
+        Self {
+            id,
+            target,
+            namespace,
+            origin_node,
+            dest_node,
+            phase: Phase::Pending,
+            containers: Vec::new(),
+            created_unix_ms,
+            checkpoint_bytes: 0,
+            bytes_transferred: 0,
+            timings: vec![PhaseTiming {
+                phase: Phase::Pending,
+                started_ms: 0,
+                duration_ms: None,
+            }],
+            downtime_ms: None,
+            duration_ms: None,
+            failure: None,
+            warnings: Vec::new(),
+            clock: Clock::default(),
+        }
+    }
+
+    fn close_phase(&mut self, now: Instant) {
+        if let Some(last) = self.timings.last_mut() {
+            last.duration_ms
+                .get_or_insert(millis(now - self.clock.phase_started));
+        }
+    }
+
+    fn enter(&mut self, to: Phase, now: Instant) {
+        self.close_phase(now);
+        self.phase = to;
+        self.clock.phase_started = now;
+        if to.is_terminal() {
+            self.duration_ms = Some(millis(now - self.clock.created));
+        } else {
+            self.timings.push(PhaseTiming {
+                phase: to,
+                started_ms: millis(now - self.clock.created),
+                duration_ms: None,
+            });
+        }
+    }
+
+    /// Moves to the next phase; `to` must be it.
+    pub fn advance(&mut self, to: Phase) -> Result<(), TransitionError> {
+        if self.phase.next() != Some(to) {
+            return Err(TransitionError {
+                id: self.id.clone(),
+                from: self.phase,
+                to,
+            });
+        }
+        let now = Instant::now();
+        if to == Phase::Checkpointing {
+            self.clock.downtime_started = Some(now);
+        }
+        if to == Phase::Done {
+            self.workload_running_again(now);
+        }
+        self.enter(to, now);
+        Ok(())
+    }
+
+    fn workload_running_again(&mut self, now: Instant) {
+        if let Some(start) = self.clock.downtime_started.take() {
+            self.downtime_ms = Some(millis(now - start));
+        }
+    }
+
+    /// Ends the migration as `Failed` or `RolledBack` with the reason and what was done.
+    /// `restored_on_origin` says the workload was stopped and runs on the origin again.
+    pub fn fail(
+        &mut self,
+        reason: String,
+        recovery: Vec<String>,
+        restored_on_origin: bool,
+    ) -> Result<(), TransitionError> {
+        let to = if restored_on_origin {
+            Phase::RolledBack
+        } else {
+            Phase::Failed
+        };
+        if self.phase.is_terminal() {
+            return Err(TransitionError {
+                id: self.id.clone(),
+                from: self.phase,
+                to,
+            });
+        }
+        let now = Instant::now();
+        if restored_on_origin {
+            self.workload_running_again(now);
+        }
+        self.failure = Some(Failure {
+            phase: self.phase,
+            reason,
+            recovery,
+        });
+        self.enter(to, now);
+        Ok(())
+    }
+
+    /// Duration of `phase`, if it has ended.
+    pub fn phase_duration(&self, phase: Phase) -> Option<u64> {
+        self.timings
+            .iter()
+            .find(|t| t.phase == phase)
+            .and_then(|t| t.duration_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn migration() -> Migration {
+        Migration::new(
+            "m1".into(),
+            Target::Deployment("counter".into()),
+            "default".into(),
+            "node01".into(),
+            "node02".into(),
+        )
+    }
+
+    #[test]
+    fn happy_path_records_every_phase_and_downtime() {
+        let mut m = migration();
+        for p in [
+            Phase::Checkpointing,
+            Phase::Transferring,
+            Phase::Restoring,
+            Phase::Done,
+        ] {
+            m.advance(p).expect("advance");
+        }
+        assert_eq!(m.phase, Phase::Done);
+        assert_eq!(m.timings.len(), 4);
+        assert!(m.timings.iter().all(|t| t.duration_ms.is_some()));
+        assert!(m.downtime_ms.is_some());
+        assert!(m.duration_ms.is_some());
+    }
+
+    #[test]
+    fn phases_cannot_be_skipped_or_repeated() {
+        let mut m = migration();
+        assert!(m.advance(Phase::Transferring).is_err());
+        m.advance(Phase::Checkpointing).expect("advance");
+        assert!(m.advance(Phase::Checkpointing).is_err());
+        assert!(m.advance(Phase::Pending).is_err());
+    }
+
+    #[test]
+    fn failure_is_terminal_and_keeps_the_failed_phase() {
+        let mut m = migration();
+        m.advance(Phase::Checkpointing).expect("advance");
+        m.advance(Phase::Transferring).expect("advance");
+        m.fail("destination gone".into(), vec!["rolled back".into()], true)
+            .expect("fail");
+        assert_eq!(m.phase, Phase::RolledBack);
+        let failure = m.failure.as_ref().expect("failure");
+        assert_eq!(failure.phase, Phase::Transferring);
+        assert!(m.downtime_ms.is_some());
+        assert!(m.advance(Phase::Restoring).is_err());
+        assert!(m.fail("again".into(), vec![], false).is_err());
+    }
+
+    #[test]
+    fn failure_before_stopping_has_no_downtime() {
+        let mut m = migration();
+        m.fail("unknown workload".into(), vec![], false)
+            .expect("fail");
+        assert_eq!(m.phase, Phase::Failed);
+        assert_eq!(m.downtime_ms, None);
+    }
+}

@@ -1,0 +1,82 @@
+//! The OpenAPI 3.1 document served at `GET /openapi.json`, written by hand: the API is small
+//! and a derive framework would cost more build time than the document is long.
+
+use serde_json::{Value, json};
+
+/// The document.
+pub fn document() -> Value {
+    let error = json!({"$ref": "#/components/schemas/Error"});
+    let err = |desc: &str| json!({"description": desc, "content": {"application/json": {"schema": error}}});
+    let bearer = json!([{"bearer": []}]);
+    json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "kubernetes-mig migration server",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Drives stateful migrations of containers between nodes. Outside Kubernetes a deployment is the set of containers with the containerd label mig.dev/workload=<name> (a pod: mig.dev/pod=<name>)."
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Error": {"type": "object", "required": ["error"], "properties": {
+                    "error": {"type": "string", "description": "what was wrong"},
+                    "expected": {"type": "string", "description": "what would have been accepted"}}},
+                "MigrateRequest": {"type": "object", "required": ["originNode", "destNode"],
+                    "description": "exactly one of deployment, pod, container",
+                    "properties": {
+                        "deployment": {"type": "string"}, "pod": {"type": "string"},
+                        "container": {"type": "string"}, "namespace": {"type": "string"},
+                        "originNode": {"type": "string"}, "destNode": {"type": "string"}}},
+                "Migration": {"type": "object", "properties": {
+                    "id": {"type": "string"},
+                    "target": {"type": "object", "properties": {"kind": {"enum": ["deployment", "pod", "container"]}, "name": {"type": "string"}}},
+                    "namespace": {"type": "string"}, "originNode": {"type": "string"}, "destNode": {"type": "string"},
+                    "phase": {"enum": ["pending", "checkpointing", "transferring", "restoring", "done", "failed", "rolled_back"]},
+                    "containers": {"type": "array", "items": {"type": "string"}},
+                    "createdUnixMs": {"type": "integer"},
+                    "checkpointBytes": {"type": "integer"}, "bytesTransferred": {"type": "integer"},
+                    "timings": {"type": "array", "items": {"type": "object", "properties": {
+                        "phase": {"type": "string"}, "started_ms": {"type": "integer"}, "duration_ms": {"type": ["integer", "null"]}}}},
+                    "downtimeMs": {"type": ["integer", "null"]}, "durationMs": {"type": ["integer", "null"]},
+                    "failure": {"type": ["object", "null"], "properties": {
+                        "phase": {"type": "string"}, "reason": {"type": "string"},
+                        "recovery": {"type": "array", "items": {"type": "string"}}}},
+                    "warnings": {"type": "array", "items": {"type": "string"}}}},
+                "Node": {"type": "object", "properties": {
+                    "name": {"type": "string"}, "address": {"type": "string"}, "registered_unix": {"type": "integer"}}}
+            }
+        },
+        "paths": {
+            "/healthz": {"get": {"summary": "liveness", "responses": {"200": {"description": "ok"}}}},
+            "/openapi.json": {"get": {"summary": "this document", "responses": {"200": {"description": "OpenAPI document"}}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text exposition format"}}}},
+            "/nodes": {"get": {"summary": "registered node agents", "responses": {"200": {"description": "nodes",
+                "content": {"application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Node"}}}}}}}},
+            "/pods": {"get": {"summary": "registered pods", "responses": {"200": {"description": "pods"}}}},
+            "/register": {"post": {
+                "summary": "register a node agent ({name, address}) or a pod ({id, env}); idempotent",
+                "security": bearer,
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {"oneOf": [
+                    {"type": "object", "required": ["name", "address"], "properties": {"name": {"type": "string"}, "address": {"type": "string"}}},
+                    {"type": "object", "required": ["id"], "properties": {"id": {"type": "string"}, "env": {"type": "object", "additionalProperties": {"type": "string"}}}}]}}}},
+                "responses": {"200": {"description": "registered"}, "400": err("invalid body"), "401": err("missing or wrong token")}}},
+            "/migrate": {"post": {
+                "summary": "start a migration; returns at once, the work runs in the background",
+                "security": bearer,
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/MigrateRequest"}}}},
+                "responses": {
+                    "202": {"description": "accepted; Location: /migrations/{id}", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Migration"}}}},
+                    "400": err("invalid body, name or origin == dest"),
+                    "401": err("missing or wrong token"),
+                    "404": err("unknown node or workload"),
+                    "409": err("the workload is already migrating"),
+                    "502": err("the origin agent failed")}}},
+            "/migrations": {"get": {"summary": "all migrations", "responses": {"200": {"description": "records",
+                "content": {"application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Migration"}}}}}}}},
+            "/migrations/{id}": {"get": {"summary": "one migration",
+                "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "record", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Migration"}}}},
+                              "404": err("no such migration")}}}
+        }
+    })
+}

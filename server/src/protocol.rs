@@ -1,0 +1,78 @@
+//! JSON bodies exchanged between the controller and the node agents (`/agent/v1/...`).
+
+use serde::{Deserialize, Serialize};
+
+use crate::migration::Target;
+
+/// `POST /agent/v1/resolve`: which containers make up a target on this node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResolveRequest {
+    /// containerd namespace.
+    pub namespace: String,
+    /// What to look for.
+    pub target: Target,
+}
+
+/// `POST /agent/v1/{checkpoint,restore,rollback,finish,abort}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ContainersRequest {
+    /// The migration this belongs to.
+    pub migration: String,
+    /// containerd namespace.
+    pub namespace: String,
+    /// Container ids (unused by restore and abort, which act on what was received).
+    pub containers: Vec<String>,
+}
+
+/// `POST /agent/v1/send`: stream the migration's checkpoints to another agent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SendRequest {
+    /// The migration.
+    pub migration: String,
+    /// containerd namespace.
+    pub namespace: String,
+    /// Container ids, each already checkpointed.
+    pub containers: Vec<String>,
+    /// The destination agent's base URL.
+    pub destination: String,
+}
+
+/// One container's checkpoint on the origin.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointSummary {
+    /// Container id.
+    pub container: String,
+    /// Sum of the checkpoint's file sizes.
+    pub bytes: u64,
+    /// Number of files.
+    pub files: usize,
+}
+
+/// Byte counts of a transfer.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct TransferSummary {
+    /// Uncompressed checkpoint bytes.
+    pub raw_bytes: u64,
+    /// Compressed bytes on the wire.
+    pub wire_bytes: u64,
+}
+
+/// What an agent did, for the migration record.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ActionReport {
+    /// One line per step.
+    pub done: Vec<String>,
+    /// Containers that had stopped and run again (rollback only).
+    #[serde(default)]
+    pub restored: Vec<String>,
+}
+
+/// Every error response: what was wrong and what was expected.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What was wrong.
+    pub error: String,
+    /// What would have been accepted, when that helps.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expected: Option<String>,
+}

@@ -1,0 +1,210 @@
+//! Moving checkpoint streams over HTTP: the origin agent's sender and the destination
+//! agent's receiver. The format itself is in [`crate::stream`]; this module only bridges the
+//! blocking encoder/decoder (file IO, zstd) to the async HTTP bodies, one blocking thread per
+//! stream, with a small bounded channel so a slow peer slows the reader instead of filling
+//! memory.
+
+use std::io::{self, Write};
+
+use bytes::Bytes;
+use futures_util::TryStreamExt;
+use mig_checkpoint::WorkloadIdentity;
+use tokio::sync::mpsc;
+use tokio_util::io::{StreamReader, SyncIoBridge};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::agent::{AgentError, NodeAgent, safe};
+use crate::auth::Token;
+use crate::protocol::{ErrorBody, TransferSummary};
+use crate::stream::{StreamError, receive_checkpoint, send_checkpoint};
+
+/// Chunks handed to the HTTP body; big enough to keep syscalls few.
+const CHUNK: usize = 256 * 1024;
+
+/// A `Write` that sends full chunks into a channel feeding the request body.
+///
+/// The request can fail while the body stream is still held by the HTTP client (a dead peer),
+/// so nothing would drain the channel; `cancel` unblocks the writer then.
+struct ChannelWriter {
+    tx: mpsc::Sender<io::Result<Bytes>>,
+    buf: Vec<u8>,
+    cancel: CancellationToken,
+    runtime: tokio::runtime::Handle,
+}
+
+impl ChannelWriter {
+    fn push(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
+        let closed = || {
+            io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the connection to the destination closed while sending",
+            )
+        };
+        let (tx, cancel) = (&self.tx, &self.cancel);
+        self.runtime.block_on(async {
+            tokio::select! {
+                sent = tx.send(Ok(chunk)) => sent.map_err(|_| closed()),
+                () = cancel.cancelled() => Err(closed()),
+            }
+        })
+    }
+}
+
+impl Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= CHUNK {
+            self.push()?;
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.push()
+    }
+}
+
+impl NodeAgent {
+    /// Streams the checkpoint of each container to the agent at `destination`, one request
+    /// per container, straight from the checkpoint directory.
+    pub async fn send(
+        &self,
+        http: &reqwest::Client,
+        token: &Token,
+        migration: &str,
+        namespace: &str,
+        containers: &[String],
+        destination: &str,
+    ) -> Result<TransferSummary, AgentError> {
+        let migration = safe("migration id", migration)?;
+        let ns = safe("namespace", namespace)?;
+        let url = format!(
+            "{}/agent/v1/receive/{migration}",
+            destination.trim_end_matches('/')
+        );
+        let mut total = TransferSummary::default();
+        for id in containers {
+            let id = safe("container id", id)?;
+            let identity = WorkloadIdentity::container(ns.as_str(), id.as_str())?;
+            let info = self.saved_info(&migration, &identity)?;
+            let dir = self.store.path_for(&identity);
+            let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(4);
+            let level = self.config.zstd_level;
+            let cancel = CancellationToken::new();
+            let mut out = ChannelWriter {
+                tx,
+                buf: Vec::with_capacity(CHUNK),
+                cancel: cancel.clone(),
+                runtime: tokio::runtime::Handle::current(),
+            };
+            let encoder = tokio::task::spawn_blocking(move || {
+                let stats = send_checkpoint(&dir, &info, &mut out, level)?;
+                out.flush().map_err(|source| StreamError::Io {
+                    what: "send".into(),
+                    source,
+                })?;
+                Ok::<_, StreamError>(stats)
+            });
+            let body =
+                reqwest::Body::wrap_stream(futures_util::stream::unfold(rx, |mut rx| async {
+                    rx.recv().await.map(|item| (item, rx))
+                }));
+            let response = http
+                .post(&url)
+                .bearer_auth(token.secret())
+                .body(body)
+                .send()
+                .await;
+            if !matches!(&response, Ok(r) if r.status().is_success()) {
+                cancel.cancel();
+            }
+            let encoded = encoder
+                .await
+                .map_err(|e| AgentError::Peer(format!("sender thread failed: {e}")))?;
+            let response = response.map_err(|e| {
+                AgentError::Peer(format!(
+                    "sending the checkpoint of {id} to {url} failed: {}",
+                    error_chain(&e)
+                ))
+            })?;
+            if !response.status().is_success() {
+                let status = response.status();
+                let text = response.text().await.unwrap_or_default();
+                let message = serde_json::from_str::<ErrorBody>(&text)
+                    .map(|b| b.error)
+                    .unwrap_or(text);
+                return Err(AgentError::Peer(format!(
+                    "destination refused the checkpoint of {id} ({status}): {message}"
+                )));
+            }
+            let stats = encoded?;
+            info!(container_id = %id, raw = stats.raw_bytes, wire = stats.wire_bytes, "checkpoint sent");
+            total.raw_bytes += stats.raw_bytes;
+            total.wire_bytes += stats.wire_bytes;
+        }
+        Ok(total)
+    }
+
+    /// Receives one checkpoint stream for `migration` into the store and records the
+    /// container for the restore. Refuses streams for other workloads than the container
+    /// record names.
+    pub async fn receive(
+        &self,
+        migration: &str,
+        body: axum::body::Body,
+    ) -> Result<TransferSummary, AgentError> {
+        let migration = safe("migration id", migration)?;
+        let reader = StreamReader::new(body.into_data_stream().map_err(io::Error::other));
+        let input = SyncIoBridge::new(reader);
+        let store = self.store.clone();
+        let received = tokio::task::spawn_blocking(move || {
+            receive_checkpoint(input, &store, |info, manifest| {
+                let ns = SafeNameCheck::check("namespace", &info.namespace)?;
+                let id = SafeNameCheck::check("container id", &info.id)?;
+                let expected = WorkloadIdentity::container(ns, id).map_err(|e| e.to_string())?;
+                if manifest.identity != expected {
+                    return Err(format!(
+                        "checkpoint is for {}, but the container record is for {expected}",
+                        manifest.identity
+                    ));
+                }
+                Ok(())
+            })
+        })
+        .await
+        .map_err(|e| AgentError::Peer(format!("receiver thread failed: {e}")))??;
+        self.record_received(&migration, &received.info)?;
+        info!(container_id = %received.info.id, migration = %migration,
+              raw = received.stats.raw_bytes, wire = received.stats.wire_bytes, "checkpoint received");
+        Ok(TransferSummary {
+            raw_bytes: received.stats.raw_bytes,
+            wire_bytes: received.stats.wire_bytes,
+        })
+    }
+}
+
+struct SafeNameCheck;
+
+impl SafeNameCheck {
+    fn check<'a>(what: &str, name: &'a str) -> Result<&'a str, String> {
+        mig_checkpoint::SafeName::new(name)
+            .map(|_| name)
+            .map_err(|e| format!("invalid {what} {name:?} in container record: {e}"))
+    }
+}
+
+/// An error with its causes, which is where reqwest keeps "connection refused".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
+}

@@ -1,0 +1,641 @@
+//! The REST API and the whole migration flow without root: real controller and node agents
+//! over HTTP on loopback, with a fake containerd whose "shim" writes a checkpoint on a kill
+//! when a migration mark is present and restores (consumes) it on start, as the real one does.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use mig_checkpoint::{EngineInfo, Store, WorkloadIdentity};
+use mig_server::agent::{AgentConfig, NodeAgent};
+use mig_server::agent_routes::AgentState;
+use mig_server::auth::Token;
+use mig_server::containerd::{ContainerInfo, Containerd, ContainerdError, TaskStatus};
+use mig_server::controller::{Controller, ControllerConfig};
+use mig_server::node_client::HttpNodes;
+use serde_json::{Value, json};
+use tokio::io::AsyncReadExt;
+
+const TOKEN: &str = "test-token-0123456789";
+const RUNTIME: &str = "io.containerd.mig.v2";
+const NS: &str = "default";
+
+#[derive(Default)]
+struct FakeState {
+    containers: BTreeMap<String, (ContainerInfo, Option<TaskStatus>)>,
+    calls: Vec<String>,
+    fail_restore: bool,
+    fail_checkpoint: bool,
+    kill_delay: Duration,
+    payload_len: usize,
+}
+
+/// containerd plus our shim's checkpoint-on-kill / restore-on-start, in memory.
+struct FakeContainerd {
+    state_dir: PathBuf,
+    inner: Mutex<FakeState>,
+}
+
+impl FakeContainerd {
+    fn new(state_dir: &Path) -> Arc<Self> {
+        Arc::new(Self {
+            state_dir: state_dir.to_path_buf(),
+            inner: Mutex::new(FakeState {
+                payload_len: 64 * 1024,
+                ..Default::default()
+            }),
+        })
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut FakeState) -> T) -> T {
+        f(&mut self.inner.lock().expect("lock"))
+    }
+
+    fn add_running(&self, id: &str, workload: &str) {
+        let info = ContainerInfo {
+            namespace: NS.into(),
+            id: id.into(),
+            image: "docker.io/library/busybox:latest".into(),
+            runtime: RUNTIME.into(),
+            labels: [("mig.dev/workload".to_string(), workload.to_string())].into(),
+            spec: json!({"process": {"args": ["sh"]}}),
+        };
+        self.with(|s| {
+            s.containers
+                .insert(id.into(), (info, Some(TaskStatus::Running)))
+        });
+    }
+
+    fn status(&self, id: &str) -> Option<Option<TaskStatus>> {
+        self.with(|s| s.containers.get(id).map(|c| c.1))
+    }
+
+    fn calls(&self) -> Vec<String> {
+        self.with(|s| s.calls.clone())
+    }
+
+    fn store(&self) -> Store {
+        Store::open(self.state_dir.join("checkpoints")).expect("store")
+    }
+
+    fn not_found(id: &str) -> ContainerdError {
+        ContainerdError::NotFound {
+            namespace: NS.into(),
+            id: id.into(),
+        }
+    }
+}
+
+/// Pseudo-random, so zstd cannot shrink it to nothing and a transfer takes a while.
+fn noise(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[async_trait]
+impl Containerd for FakeContainerd {
+    async fn list_by_label(
+        &self,
+        _ns: &str,
+        key: &str,
+        value: &str,
+    ) -> Result<Vec<String>, ContainerdError> {
+        Ok(self.with(|s| {
+            s.containers
+                .values()
+                .filter(|(i, _)| i.labels.get(key).map(String::as_str) == Some(value))
+                .map(|(i, _)| i.id.clone())
+                .collect()
+        }))
+    }
+
+    async fn info(&self, _ns: &str, id: &str) -> Result<ContainerInfo, ContainerdError> {
+        self.with(|s| s.containers.get(id).map(|c| c.0.clone()))
+            .ok_or_else(|| Self::not_found(id))
+    }
+
+    async fn task_status(
+        &self,
+        _ns: &str,
+        id: &str,
+    ) -> Result<Option<TaskStatus>, ContainerdError> {
+        Ok(self.status(id).flatten())
+    }
+
+    async fn kill(&self, ns: &str, id: &str, signal: &str) -> Result<(), ContainerdError> {
+        let delay = self.with(|s| {
+            s.calls.push(format!("kill {id} {signal}"));
+            s.kill_delay
+        });
+        tokio::time::sleep(delay).await;
+        let identity = WorkloadIdentity::container(ns, id).expect("identity");
+        let mark = self
+            .state_dir
+            .join("marks")
+            .join(format!("{}.json", identity.key()));
+        if mark.exists() {
+            if self.with(|s| s.fail_checkpoint) {
+                return Err(ContainerdError::Command {
+                    command: "kill".into(),
+                    message: "criu dump failed".into(),
+                });
+            }
+            let writer = self.store().begin(&identity).expect("begin");
+            let images = writer.images_dir().expect("images");
+            let len = self.with(|s| s.payload_len);
+            std::fs::write(images.join("pages-1.img"), noise(len)).expect("write");
+            writer
+                .commit(EngineInfo::new("criu", "4.2.1"), "busybox")
+                .expect("commit");
+            std::fs::remove_file(&mark).expect("consume mark");
+        }
+        self.with(|s| {
+            if let Some(c) = s.containers.get_mut(id) {
+                c.1 = Some(TaskStatus::Stopped);
+            }
+        });
+        Ok(())
+    }
+
+    async fn create(&self, info: &ContainerInfo, runtime: &str) -> Result<(), ContainerdError> {
+        self.with(|s| {
+            s.calls.push(format!("create {} {runtime}", info.id));
+            if s.containers.contains_key(&info.id) {
+                return Err(ContainerdError::Command {
+                    command: "create".into(),
+                    message: "already exists".into(),
+                });
+            }
+            s.containers.insert(info.id.clone(), (info.clone(), None));
+            Ok(())
+        })
+    }
+
+    async fn start_task(&self, ns: &str, id: &str) -> Result<(), ContainerdError> {
+        let identity = WorkloadIdentity::container(ns, id).expect("identity");
+        let fail = self.with(|s| {
+            s.calls.push(format!("start {id}"));
+            s.fail_restore
+        });
+        if self.status(id).is_none() {
+            return Err(Self::not_found(id));
+        }
+        if let Some(checkpoint) = self.store().pending(&identity).expect("pending") {
+            if fail {
+                return Err(ContainerdError::Command {
+                    command: "start".into(),
+                    message: "criu restore failed".into(),
+                });
+            }
+            checkpoint.verify().expect("restored checkpoint verifies");
+            self.store().consume(checkpoint).expect("consume");
+        }
+        self.with(|s| {
+            if let Some(c) = s.containers.get_mut(id) {
+                c.1 = Some(TaskStatus::Running);
+            }
+        });
+        Ok(())
+    }
+
+    async fn delete_task(&self, _ns: &str, id: &str, _force: bool) -> Result<(), ContainerdError> {
+        self.with(|s| {
+            s.calls.push(format!("delete-task {id}"));
+            match s.containers.get_mut(id) {
+                Some(c) => {
+                    c.1 = None;
+                    Ok(())
+                }
+                None => Err(Self::not_found(id)),
+            }
+        })
+    }
+
+    async fn delete_container(&self, _ns: &str, id: &str) -> Result<(), ContainerdError> {
+        self.with(|s| {
+            s.calls.push(format!("delete-container {id}"));
+            s.containers
+                .remove(id)
+                .map(drop)
+                .ok_or_else(|| Self::not_found(id))
+        })
+    }
+}
+
+struct Cluster {
+    controller_url: String,
+    origin: Arc<FakeContainerd>,
+    dest: Arc<FakeContainerd>,
+    http: reqwest::Client,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+async fn serve(router: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    format!("http://{addr}")
+}
+
+fn token() -> Token {
+    Token::new(TOKEN, "test").expect("token")
+}
+
+async fn agent(
+    name: &str,
+    http: &reqwest::Client,
+) -> (String, Arc<FakeContainerd>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let fake = FakeContainerd::new(dir.path());
+    let agent = NodeAgent::new(
+        AgentConfig {
+            name: name.into(),
+            state_dir: dir.path().into(),
+            runtime: RUNTIME.into(),
+            zstd_level: 1,
+            wait_timeout: Duration::from_secs(5),
+        },
+        fake.clone(),
+    )
+    .expect("agent");
+    let state = AgentState {
+        agent: Arc::new(agent),
+        http: http.clone(),
+        token: token(),
+    };
+    let url = serve(mig_server::app(None, Some(state), token())).await;
+    (url, fake, dir)
+}
+
+async fn cluster() -> Cluster {
+    let http = reqwest::Client::new();
+    let (origin_url, origin, d1) = agent("node01", &http).await;
+    let (dest_url, dest, d2) = agent("node02", &http).await;
+    let controller = Arc::new(Controller::new(
+        ControllerConfig {
+            default_namespace: NS.into(),
+            default_scheme: "http".into(),
+            migration_timeout: Duration::from_secs(20),
+        },
+        Arc::new(HttpNodes::new(
+            http.clone(),
+            token(),
+            Duration::from_secs(20),
+        )),
+    ));
+    controller
+        .register_node("node01", &origin_url)
+        .expect("register");
+    controller
+        .register_node("node02", &dest_url)
+        .expect("register");
+    let controller_url = serve(mig_server::app(Some(controller), None, token())).await;
+    origin.add_running("counter", "counter");
+    Cluster {
+        controller_url,
+        origin,
+        dest,
+        http,
+        _dirs: vec![d1, d2],
+    }
+}
+
+impl Cluster {
+    async fn post(&self, path: &str, body: &str, token: Option<&str>) -> (u16, Value) {
+        let mut req = self
+            .http
+            .post(format!("{}{path}", self.controller_url))
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let r = req.send().await.expect("send");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn get(&self, path: &str) -> (u16, String) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.controller_url))
+            .send()
+            .await
+            .expect("send");
+        (r.status().as_u16(), r.text().await.expect("text"))
+    }
+
+    async fn migrate(&self, body: Value) -> (u16, Value) {
+        self.post("/migrate", &body.to_string(), Some(TOKEN)).await
+    }
+
+    async fn wait_terminal(&self, id: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (status, text) = self.get(&format!("/migrations/{id}")).await;
+            assert_eq!(status, 200, "{text}");
+            let m: Value = serde_json::from_str(&text).expect("json");
+            if ["done", "failed", "rolled_back"].contains(&m["phase"].as_str().unwrap_or("")) {
+                return m;
+            }
+            assert!(Instant::now() < deadline, "migration stuck: {m}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn counter_to(dest: &str) -> Value {
+    json!({"deployment": "counter", "originNode": "node01", "destNode": dest})
+}
+
+fn dir_is_empty(dir: &Path) -> bool {
+    std::fs::read_dir(dir)
+        .map(|mut d| d.next().is_none())
+        .unwrap_or(true)
+}
+
+#[tokio::test]
+async fn migration_moves_the_workload_and_removes_it_from_the_origin() {
+    let c = cluster().await;
+    c.origin.with(|s| s.payload_len = 2 << 20);
+    let (status, body) = c.migrate(counter_to("node02")).await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["id"].as_str().expect("id").to_string();
+    let m = c.wait_terminal(&id).await;
+    assert_eq!(m["phase"], "done", "{m}");
+    assert!(m["downtimeMs"].is_u64(), "{m}");
+    assert!(
+        m["bytesTransferred"].as_u64().expect("bytes") > 1 << 20,
+        "{m}"
+    );
+    assert_eq!(m["timings"].as_array().expect("timings").len(), 4);
+    assert_eq!(c.dest.status("counter"), Some(Some(TaskStatus::Running)));
+    assert_eq!(c.origin.status("counter"), None, "still on the origin");
+    assert!(
+        c.dest
+            .calls()
+            .contains(&format!("create counter {RUNTIME}"))
+    );
+    // Checkpoints consumed (dest) and removed (origin); no migration records left behind.
+    for fake in [&c.origin, &c.dest] {
+        assert!(dir_is_empty(&fake.state_dir.join("checkpoints")));
+        assert!(dir_is_empty(&fake.state_dir.join("migrations")));
+        assert!(dir_is_empty(&fake.state_dir.join("marks")));
+    }
+    let (_, metrics) = c.get("/metrics").await;
+    assert!(
+        metrics.contains("mig_migrations{phase=\"done\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("mig_phase_duration_seconds_count{phase=\"transferring\"} 1"));
+}
+
+#[tokio::test]
+async fn unauthenticated_or_wrong_token_is_401() {
+    let c = cluster().await;
+    let body = counter_to("node02").to_string();
+    let (status, err) = c.post("/migrate", &body, None).await;
+    assert_eq!(status, 401);
+    assert!(err["error"].as_str().expect("error").contains("missing"));
+    let (status, _) = c.post("/migrate", &body, Some("wrong")).await;
+    assert_eq!(status, 401);
+    let (status, _) = c
+        .post("/register", r#"{"name":"x","address":"1.2.3.4:1"}"#, None)
+        .await;
+    assert_eq!(status, 401);
+    assert_eq!(c.origin.calls(), Vec::<String>::new(), "nothing may happen");
+}
+
+#[tokio::test]
+async fn bad_requests_are_4xx_with_a_reason() {
+    let c = cluster().await;
+    let cases: Vec<(&str, u16, &str)> = vec![
+        ("{not json", 400, "invalid JSON"),
+        (
+            r#"{"originNode":"node01","destNode":"node02"}"#,
+            400,
+            "exactly one",
+        ),
+        (
+            r#"{"deployment":"counter","originNode":"node01","destNode":"node01"}"#,
+            400,
+            "two different nodes",
+        ),
+        (
+            r#"{"deployment":"counter","originNode":"node01","destNode":"node09"}"#,
+            404,
+            "unknown destination node",
+        ),
+        (
+            r#"{"deployment":"../etc","originNode":"node01","destNode":"node02"}"#,
+            400,
+            "invalid deployment",
+        ),
+        (
+            r#"{"deployment":"nope","originNode":"node01","destNode":"node02"}"#,
+            404,
+            "not found on origin",
+        ),
+        (
+            r#"{"container":"nope","originNode":"node01","destNode":"node02"}"#,
+            404,
+            "not found on origin",
+        ),
+        (
+            r#"{"deployment":"counter","namespace":"a/b","originNode":"node01","destNode":"node02"}"#,
+            400,
+            "invalid namespace",
+        ),
+        (
+            r#"{"deployment":"counter","originNode":"node01","destNode":"node02","x":1}"#,
+            400,
+            "unknown field",
+        ),
+    ];
+    for (body, want, needle) in cases {
+        let (status, err) = c.post("/migrate", body, Some(TOKEN)).await;
+        assert_eq!(status, want, "{body}: {err}");
+        let msg = err["error"].as_str().unwrap_or_default();
+        assert!(msg.contains(needle), "{body}: {msg:?} lacks {needle:?}");
+    }
+    let (status, err) = c
+        .post(
+            "/register",
+            r#"{"name":"n/1","address":"h:1"}"#,
+            Some(TOKEN),
+        )
+        .await;
+    assert_eq!(status, 400, "{err}");
+    let (status, err) = c.post("/register", r#"{"foo":1}"#, Some(TOKEN)).await;
+    assert_eq!(status, 400, "{err}");
+    assert!(err["expected"].is_string());
+    let (status, _) = c.get("/migrations/nope").await;
+    assert_eq!(status, 404);
+    assert_eq!(c.origin.status("counter"), Some(Some(TaskStatus::Running)));
+}
+
+#[tokio::test]
+async fn register_is_idempotent_and_lists_nodes() {
+    let c = cluster().await;
+    let body = r#"{"name":"node03","address":"127.0.0.1:9"}"#;
+    let (s1, r1) = c.post("/register", body, Some(TOKEN)).await;
+    let (s2, r2) = c.post("/register", body, Some(TOKEN)).await;
+    assert_eq!((s1, s2), (200, 200));
+    assert_eq!(
+        (r1["new"].as_bool(), r2["new"].as_bool()),
+        (Some(true), Some(false))
+    );
+    let (_, nodes) = c.get("/nodes").await;
+    let nodes: Value = serde_json::from_str(&nodes).expect("json");
+    assert_eq!(nodes.as_array().expect("array").len(), 3);
+    assert_eq!(nodes[2]["address"], "http://127.0.0.1:9");
+    let (s, _) = c
+        .post(
+            "/register",
+            r#"{"id":"mosquitto-1","env":{"A":"b"}}"#,
+            Some(TOKEN),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let (s, doc) = c.get("/openapi.json").await;
+    assert_eq!(s, 200);
+    assert!(doc.contains("\"/migrate\""));
+    let (s, _) = c.get("/healthz").await;
+    assert_eq!(s, 200);
+}
+
+#[tokio::test]
+async fn second_migration_of_the_same_workload_is_409() {
+    let c = cluster().await;
+    c.origin.with(|s| s.kill_delay = Duration::from_millis(500));
+    let (s1, first) = c.migrate(counter_to("node02")).await;
+    assert_eq!(s1, 202, "{first}");
+    let (s2, second) = c.migrate(counter_to("node02")).await;
+    assert_eq!(s2, 409, "{second}");
+    assert!(
+        second["error"]
+            .as_str()
+            .expect("error")
+            .contains("already being migrated")
+    );
+    let m = c.wait_terminal(first["id"].as_str().expect("id")).await;
+    assert_eq!(m["phase"], "done");
+    // Once over, the workload can move again (back).
+    let (s3, _) = c
+        .migrate(json!({"deployment": "counter", "originNode": "node02", "destNode": "node01"}))
+        .await;
+    assert_eq!(s3, 202);
+}
+
+/// A destination that dies after taking part of the stream: reads a little, then drops every
+/// connection.
+async fn dying_destination() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let mut buf = vec![0u8; 64 * 1024];
+            // Small requests (the abort) get no answer either, without hanging the caller.
+            let _ =
+                tokio::time::timeout(Duration::from_millis(300), conn.read_exact(&mut buf)).await;
+            drop(conn);
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn destination_dying_mid_transfer_rolls_back_on_the_origin() {
+    let c = cluster().await;
+    c.origin.with(|s| s.payload_len = 8 << 20);
+    let dead = dying_destination().await;
+    let (s, _) = c
+        .post(
+            "/register",
+            &json!({"name": "node03", "address": dead}).to_string(),
+            Some(TOKEN),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let (_, body) = c.migrate(counter_to("node03")).await;
+    let m = c.wait_terminal(body["id"].as_str().expect("id")).await;
+    assert_eq!(m["phase"], "rolled_back", "{m}");
+    assert_eq!(m["failure"]["phase"], "transferring", "{m}");
+    let reason = m["failure"]["reason"].as_str().expect("reason");
+    assert!(
+        reason.contains("node03") || reason.contains("send"),
+        "{reason}"
+    );
+    assert_eq!(c.origin.status("counter"), Some(Some(TaskStatus::Running)));
+    let calls = c.origin.calls();
+    assert!(
+        calls.contains(&"delete-task counter".to_string()),
+        "{calls:?}"
+    );
+    assert!(calls.contains(&"start counter".to_string()), "{calls:?}");
+    assert!(m["downtimeMs"].is_u64());
+    // The origin's checkpoint was consumed by its restore.
+    assert!(dir_is_empty(&c.origin.state_dir.join("checkpoints")));
+}
+
+#[tokio::test]
+async fn restore_failure_cleans_the_destination_and_rolls_back() {
+    let c = cluster().await;
+    c.dest.with(|s| s.fail_restore = true);
+    let (_, body) = c.migrate(counter_to("node02")).await;
+    let m = c.wait_terminal(body["id"].as_str().expect("id")).await;
+    assert_eq!(m["phase"], "rolled_back", "{m}");
+    assert_eq!(m["failure"]["phase"], "restoring");
+    assert!(
+        m["failure"]["reason"]
+            .as_str()
+            .expect("reason")
+            .contains("criu restore failed")
+    );
+    assert_eq!(
+        c.dest.status("counter"),
+        None,
+        "partial container left on destination"
+    );
+    assert!(
+        dir_is_empty(&c.dest.state_dir.join("checkpoints")),
+        "partial data left"
+    );
+    assert!(dir_is_empty(&c.dest.state_dir.join("migrations")));
+    assert_eq!(c.origin.status("counter"), Some(Some(TaskStatus::Running)));
+}
+
+#[tokio::test]
+async fn checkpoint_failure_leaves_the_workload_running() {
+    let c = cluster().await;
+    c.origin.with(|s| s.fail_checkpoint = true);
+    let (_, body) = c.migrate(counter_to("node02")).await;
+    let m = c.wait_terminal(body["id"].as_str().expect("id")).await;
+    assert_eq!(m["phase"], "failed", "{m}");
+    assert_eq!(m["failure"]["phase"], "checkpointing");
+    assert!(
+        m["failure"]["reason"]
+            .as_str()
+            .expect("reason")
+            .contains("criu dump failed")
+    );
+    assert_eq!(c.origin.status("counter"), Some(Some(TaskStatus::Running)));
+    assert!(
+        dir_is_empty(&c.origin.state_dir.join("marks")),
+        "mark left behind"
+    );
+    assert_eq!(c.dest.calls(), Vec::<String>::new());
+}

@@ -1,0 +1,608 @@
+//! End to end, as root, against real containerd: the `ctr` seam, and whole migrations between
+//! two private containerd nodes whose agents live in network namespaces made here
+//! (10.231.0.1 and 10.231.0.2 on a veth pair; nothing else is ever a target).
+//!
+//! Skips with one line when prerequisites are missing; `MIG_E2E_REQUIRED=1` makes that a
+//! failure. The migration test needs the shim's checkpoint-on-kill (contract: MIG_STATE_DIR).
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use mig_e2e::node::unique_namespace;
+use mig_e2e::{MIG_RUNTIME, Node, NodeOptions, RUNC_RUNTIME, TestImage, require_root_and_tools};
+use mig_server::containerd::{Containerd, Ctr, TaskStatus, WORKLOAD_LABEL};
+use serde_json::{Value, json};
+
+const TOKEN: &str = "e2e-token-5b0c1d2e3f";
+
+fn skip(test: &str, reason: &str) {
+    mig_e2e::Skip {
+        reason: reason.to_string(),
+    }
+    .report(test);
+}
+
+fn prerequisites(test: &str) -> bool {
+    if let Some(s) = require_root_and_tools() {
+        s.report(test);
+        return false;
+    }
+    true
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctr_seam_against_real_containerd() {
+    if !prerequisites("ctr_seam_against_real_containerd") {
+        return;
+    }
+    let node = Node::start("seam").expect("node");
+    let image = TestImage::busybox().expect("image");
+    node.import(&image).expect("import");
+    let ns = node.namespace().to_string();
+    let label = format!("{WORKLOAD_LABEL}=counter");
+    node.ctr_ok(&[
+        "run",
+        "-d",
+        "--null-io",
+        "--runtime",
+        RUNC_RUNTIME,
+        "--label",
+        &label,
+        "--env",
+        "A=b",
+        &image.name,
+        "c1",
+        "sh",
+        "-c",
+        "while :; do sleep 1; done",
+    ])
+    .expect("run");
+    let ctr = Ctr::new(node.address(), Duration::from_secs(60));
+    let ids = ctr
+        .list_by_label(&ns, WORKLOAD_LABEL, "counter")
+        .await
+        .expect("list");
+    assert_eq!(ids, vec!["c1".to_string()]);
+    assert!(
+        ctr.list_by_label(&ns, WORKLOAD_LABEL, "other")
+            .await
+            .expect("list")
+            .is_empty()
+    );
+    let mut info = ctr.info(&ns, "c1").await.expect("info");
+    assert_eq!(info.image, image.name);
+    assert_eq!(info.runtime, RUNC_RUNTIME);
+    assert!(matches!(
+        ctr.info(&ns, "nope").await,
+        Err(mig_server::containerd::ContainerdError::NotFound { .. })
+    ));
+    assert_eq!(
+        ctr.task_status(&ns, "c1").await.expect("status"),
+        Some(TaskStatus::Running)
+    );
+    // Recreate it under another id from its record, as a destination does.
+    info.id = "c2".into();
+    ctr.create(&info, RUNC_RUNTIME).await.expect("create");
+    ctr.start_task(&ns, "c2").await.expect("start");
+    assert_eq!(
+        ctr.task_status(&ns, "c2").await.expect("status"),
+        Some(TaskStatus::Running)
+    );
+    let c2 = ctr.info(&ns, "c2").await.expect("info");
+    assert_eq!(
+        c2.labels.get(WORKLOAD_LABEL).map(String::as_str),
+        Some("counter")
+    );
+    assert_eq!(c2.spec["process"]["args"], info.spec["process"]["args"]);
+    assert!(
+        c2.spec["process"]["env"]
+            .as_array()
+            .expect("env")
+            .contains(&json!("A=b")),
+        "{}",
+        c2.spec["process"]["env"]
+    );
+    for id in ["c1", "c2"] {
+        ctr.kill(&ns, id, "SIGKILL").await.expect("kill");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ctr.task_status(&ns, id).await.expect("status") != Some(TaskStatus::Stopped) {
+            assert!(Instant::now() < deadline, "{id} did not stop");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        ctr.delete_task(&ns, id, false).await.expect("delete task");
+        ctr.delete_container(&ns, id)
+            .await
+            .expect("delete container");
+    }
+    node.stop().expect("stop");
+}
+
+/// Two network namespaces joined by a veth pair; deleted on drop.
+struct Net {
+    a: String,
+    b: String,
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Net {
+    fn new() -> Self {
+        let tag = std::process::id() % 100_000;
+        let net = Net {
+            a: format!("miga-{tag}"),
+            b: format!("migb-{tag}"),
+        };
+        let (va, vb) = (format!("mva{tag}"), format!("mvb{tag}"));
+        ip(&["netns", "add", &net.a]);
+        ip(&["netns", "add", &net.b]);
+        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb]);
+        ip(&["link", "set", &va, "netns", &net.a]);
+        ip(&["link", "set", &vb, "netns", &net.b]);
+        for (ns, dev, addr) in [
+            (&net.a, &va, "10.231.0.1/24"),
+            (&net.b, &vb, "10.231.0.2/24"),
+        ] {
+            ip(&["-n", ns, "addr", "add", addr, "dev", dev]);
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        net
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// A `mig-server serve` inside a network namespace; killed on drop.
+struct Agent(Child);
+
+impl Agent {
+    /// Runs the agent itself (not `ip netns exec`, which may fork) in `netns`, so that the pid
+    /// the test kills is the agent's.
+    fn start(netns: &str, args: &[&str], log: &Path) -> Self {
+        use std::os::unix::process::CommandExt;
+        let log = std::fs::File::create(log).expect("log");
+        let ns = std::fs::File::open(format!("/var/run/netns/{netns}")).expect("netns");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mig-server"));
+        cmd.arg("serve")
+            .args(args)
+            .env("MIG_TOKEN", TOKEN)
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        let fd = ns.as_raw_fd();
+        // SAFETY: setns(2) is async-signal-safe; `ns` outlives the spawn.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("spawn mig-server");
+        drop(ns);
+        Agent(child)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// HTTP through curl inside `netns`: (status, body).
+fn http(netns: &str, method: &str, path: &str, body: Option<&Value>, token: bool) -> (u16, Value) {
+    let url = format!("http://10.231.0.1:7070{path}");
+    let mut cmd = Command::new("ip");
+    cmd.args([
+        "netns",
+        "exec",
+        netns,
+        "curl",
+        "-s",
+        "-m",
+        "30",
+        "-X",
+        method,
+        "-w",
+        "\n%{http_code}",
+    ]);
+    if token {
+        cmd.args(["-H", &format!("Authorization: Bearer {TOKEN}")]);
+    }
+    if let Some(b) = body {
+        cmd.args([
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            &b.to_string(),
+        ]);
+    }
+    let out = cmd.arg(&url).output().expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (
+        code.trim().parse().unwrap_or(0),
+        serde_json::from_str(body).unwrap_or(Value::Null),
+    )
+}
+
+fn wait_terminal(netns: &str, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (_, m) = http(netns, "GET", &format!("/migrations/{id}"), None, false);
+        if ["done", "failed", "rolled_back"].contains(&m["phase"].as_str().unwrap_or("")) {
+            return m;
+        }
+        assert!(Instant::now() < deadline, "migration stuck: {m}");
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A TCP proxy in network namespace `netns` from `listen` to `upstream` that sabotages the
+/// client-to-server direction at byte `at`: flips it, or (with `kill`) kills `victim` (the
+/// destination agent) and closes the connection.
+fn proxy(
+    netns: &str,
+    listen: &'static str,
+    upstream: &'static str,
+    at: usize,
+    victim: Option<u32>,
+) {
+    let path = PathBuf::from(format!("/var/run/netns/{netns}"));
+    let ready = Arc::new(AtomicBool::new(false));
+    let ready2 = ready.clone();
+    thread::spawn(move || {
+        let f = std::fs::File::open(&path).expect("netns");
+        // SAFETY: setns on this thread only; the fd is valid for the call.
+        assert_eq!(
+            unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) },
+            0,
+            "setns"
+        );
+        let listener = TcpListener::bind(listen).expect("bind proxy");
+        ready2.store(true, Ordering::SeqCst);
+        for client in listener.incoming().flatten() {
+            let Ok(server) = TcpStream::connect(upstream) else {
+                continue;
+            };
+            let (mut c_read, mut s_write) = (
+                client.try_clone().expect("clone"),
+                server.try_clone().expect("clone"),
+            );
+            let (mut s_read, mut c_write) = (server, client);
+            thread::spawn(move || {
+                let _ = std::io::copy(&mut s_read, &mut c_write);
+            });
+            thread::spawn(move || {
+                let mut seen = 0usize;
+                let mut buf = vec![0u8; 16384];
+                while let Ok(n) = c_read.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    if seen <= at && at < seen + n {
+                        if let Some(pid) = victim {
+                            // SAFETY: plain kill(2) of the agent this test started.
+                            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                            let _ = c_read.shutdown(std::net::Shutdown::Both);
+                            let _ = s_write.shutdown(std::net::Shutdown::Both);
+                            return;
+                        }
+                        buf[at - seen] ^= 0x40;
+                    }
+                    seen += n;
+                    if s_write.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    while !ready.load(Ordering::SeqCst) {
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn shim_has_checkpoint_on_kill() -> Result<(), String> {
+    let shim = mig_e2e::shim_dir().join("containerd-shim-mig-v2");
+    let bytes = std::fs::read(&shim).map_err(|e| format!("cannot read {}: {e}", shim.display()))?;
+    if bytes.windows(13).any(|w| w == b"MIG_STATE_DIR") {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} has no checkpoint-on-kill yet (it never mentions MIG_STATE_DIR)",
+            shim.display()
+        ))
+    }
+}
+
+/// The counter's value, read from its file inside the container (retried: an exec can race
+/// with a task that has just been restored).
+fn count(node: &Node, id: &str) -> u64 {
+    let mut last = String::new();
+    for _ in 0..20 {
+        let exec_id = format!("r{}", rand_suffix());
+        match node.ctr_ok(&["tasks", "exec", "--exec-id", &exec_id, id, "cat", "/count"]) {
+            Ok(s) => match s.trim().parse() {
+                Ok(n) => return n,
+                Err(e) => last = format!("{s:?}: {e}"),
+            },
+            Err(e) => last = e.to_string(),
+        }
+        thread::sleep(Duration::from_millis(250));
+    }
+    panic!("cannot read the counter of {id} on {}: {last}", node.name());
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default()
+}
+
+#[test]
+fn migrate_between_two_nodes_with_faults() {
+    const TEST: &str = "migrate_between_two_nodes_with_faults";
+    if !prerequisites(TEST) {
+        return;
+    }
+    for tool in ["criu", "curl", "ip"] {
+        if mig_e2e::prereq::find_on_path(tool).is_none() {
+            return skip(TEST, &format!("`{tool}` is not on PATH"));
+        }
+    }
+    if let Err(reason) = shim_has_checkpoint_on_kill() {
+        return skip(TEST, &reason);
+    }
+    let work = tempfile::tempdir().expect("tmp");
+    let ns = unique_namespace("mig");
+    let node = |name: &str, state: &Path| {
+        let env = BTreeMap::from([("MIG_STATE_DIR".to_string(), state.display().to_string())]);
+        Node::start_with(
+            name,
+            NodeOptions {
+                namespace: Some(ns.clone()),
+                owns_namespace: true,
+                env,
+                ..Default::default()
+            },
+        )
+        .expect("node")
+    };
+    let (state_a, state_b) = (work.path().join("state-a"), work.path().join("state-b"));
+    let (a, b) = (node("node01", &state_a), node("node02", &state_b));
+    let image = TestImage::busybox().expect("image");
+    a.import(&image).expect("import");
+    b.import(&image).expect("import");
+    let net = Net::new();
+    a.ctr_ok(&[
+        "run",
+        "-d",
+        "--null-io",
+        "--runtime",
+        MIG_RUNTIME,
+        "--label",
+        &format!("{WORKLOAD_LABEL}=counter"),
+        &image.name,
+        "counter",
+        "sh",
+        "-c",
+        "i=0; while :; do i=$((i+1)); echo $i > /count; sleep 0.1; done",
+    ])
+    .expect("run counter");
+
+    let a_sock = a.address().display().to_string();
+    let b_sock = b.address().display().to_string();
+    let (sa, sb) = (state_a.display().to_string(), state_b.display().to_string());
+    let _agent_a = Agent::start(
+        &net.a,
+        &[
+            "--role",
+            "all",
+            "--listen",
+            "10.231.0.1:7070",
+            "--node-name",
+            "node01",
+            "--containerd-address",
+            &a_sock,
+            "--namespace",
+            &ns,
+            "--state-dir",
+            &sa,
+            "--migration-timeout-secs",
+            "120",
+        ],
+        &work.path().join("agent-a.log"),
+    );
+    let b_args = [
+        "--role",
+        "node",
+        "--listen",
+        "10.231.0.2:7070",
+        "--node-name",
+        "node02",
+        "--controller",
+        "http://10.231.0.1:7070",
+        "--containerd-address",
+        &b_sock,
+        "--namespace",
+        &ns,
+        "--state-dir",
+        &sb,
+    ];
+    let mut agent_b = Agent::start(&net.b, &b_args, &work.path().join("agent-b.log"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http(&net.a, "GET", "/nodes", None, false)
+        .1
+        .as_array()
+        .map_or(0, Vec::len)
+        < 2
+    {
+        assert!(Instant::now() < deadline, "agents did not register");
+        thread::sleep(Duration::from_millis(100));
+    }
+
+    // Bad requests change nothing.
+    let migrate =
+        |dest: &str| json!({"deployment": "counter", "originNode": "node01", "destNode": dest});
+    assert_eq!(
+        http(&net.a, "POST", "/migrate", Some(&migrate("node02")), false).0,
+        401
+    );
+    assert_eq!(
+        http(&net.a, "POST", "/migrate", Some(&migrate("node01")), true).0,
+        400
+    );
+    assert_eq!(
+        http(&net.a, "POST", "/migrate", Some(&migrate("node09")), true).0,
+        404
+    );
+    let (s, _) = http(
+        &net.a,
+        "POST",
+        "/migrate",
+        Some(&json!({"deployment": "nope", "originNode": "node01", "destNode": "node02"})),
+        true,
+    );
+    assert_eq!(s, 404);
+
+    let fails_and_stays = |dest: &str, what: &str| {
+        let before = count(&a, "counter");
+        let (s, m) = http(&net.a, "POST", "/migrate", Some(&migrate(dest)), true);
+        assert_eq!(s, 202, "{what}: {m}");
+        let m = wait_terminal(&net.a, m["id"].as_str().expect("id"));
+        assert!(
+            ["failed", "rolled_back"].contains(&m["phase"].as_str().unwrap_or("")),
+            "{what}: {m}"
+        );
+        assert!(
+            m["failure"]["reason"]
+                .as_str()
+                .is_some_and(|r| !r.is_empty()),
+            "{what}: {m}"
+        );
+        a.wait_for_status("counter", "RUNNING", Duration::from_secs(30))
+            .expect(what);
+        thread::sleep(Duration::from_millis(500));
+        let after = count(&a, "counter");
+        eprintln!("{what}: counter {before} -> {after}; migration {m}");
+        assert!(
+            after > before,
+            "{what}: counter went from {before} to {after}: state lost"
+        );
+        m
+    };
+
+    // 1. A corrupted byte in the stream.
+    proxy(&net.b, "10.231.0.2:7171", "10.231.0.2:7070", 2048, None);
+    http(
+        &net.a,
+        "POST",
+        "/register",
+        Some(&json!({"name": "node03", "address": "10.231.0.2:7171"})),
+        true,
+    );
+    fails_and_stays("node03", "corrupted stream");
+    assert!(
+        mig_dir_clean(&state_b),
+        "partial data left on the destination"
+    );
+
+    // 2. Restore fails on the destination (its image is gone, so create fails).
+    b.ctr_ok(&["images", "rm", &image.name]).expect("rm image");
+    fails_and_stays("node02", "failed restore");
+    assert!(
+        b.ctr_ok(&["containers", "ls", "-q"])
+            .expect("ls")
+            .trim()
+            .is_empty()
+    );
+    assert!(mig_dir_clean(&state_b));
+    b.import(&image).expect("import");
+
+    // 3. The destination agent is killed during the transfer.
+    let pid = agent_b.0.id();
+    proxy(
+        &net.b,
+        "10.231.0.2:7172",
+        "10.231.0.2:7070",
+        2048,
+        Some(pid),
+    );
+    http(
+        &net.a,
+        "POST",
+        "/register",
+        Some(&json!({"name": "node04", "address": "10.231.0.2:7172"})),
+        true,
+    );
+    fails_and_stays("node04", "destination killed");
+    agent_b.kill();
+    agent_b = Agent::start(&net.b, &b_args, &work.path().join("agent-b2.log"));
+    thread::sleep(Duration::from_secs(1));
+    assert!(mig_dir_clean(&state_b), "restarted agent left partial data");
+
+    // 4. The real thing.
+    thread::sleep(Duration::from_millis(500));
+    let before = count(&a, "counter");
+    let (s, m) = http(&net.a, "POST", "/migrate", Some(&migrate("node02")), true);
+    assert_eq!(s, 202, "{m}");
+    let m = wait_terminal(&net.a, m["id"].as_str().expect("id"));
+    assert_eq!(m["phase"], "done", "{m}");
+    b.wait_for_status("counter", "RUNNING", Duration::from_secs(10))
+        .expect("running on b");
+    thread::sleep(Duration::from_millis(500));
+    let after = count(&b, "counter");
+    eprintln!("migrated: counter {before} -> {after}; migration {m}");
+    assert!(
+        after > before,
+        "counter restarted on the destination: {before} -> {after}"
+    );
+    assert!(
+        a.ctr_ok(&["containers", "ls", "-q"])
+            .expect("ls")
+            .trim()
+            .is_empty(),
+        "still on origin"
+    );
+    drop(agent_b);
+}
+
+/// No checkpoint, temp dir or migration record left in a node's state dir.
+fn mig_dir_clean(state: &Path) -> bool {
+    ["checkpoints", "migrations"].iter().all(|d| {
+        std::fs::read_dir(state.join(d))
+            .map(|mut e| e.next().is_none())
+            .unwrap_or(true)
+    })
+}
