@@ -703,9 +703,16 @@ impl CriClient {
 /// The containerd namespace in which the CRI keeps pods, containers and images.
 pub const CRI_NAMESPACE: &str = "k8s.io";
 
-/// TOML for [`crate::NodeOptions::extra_config`]: the CRI's sandbox (pause) image.
-pub fn sandbox_image_config(image: &str) -> String {
-    format!("[plugins.'io.containerd.cri.v1.images'.pinned_images]\n  sandbox = '{image}'\n")
+/// TOML for [`crate::NodeOptions::extra_config`] of a node serving the CRI: its sandbox (pause)
+/// image, and `restrict_oom_score_adj`, which keeps the CRI from asking runc for an
+/// `oom_score_adj` below containerd's own (-998 for a sandbox): that needs CAP_SYS_RESOURCE,
+/// which a test machine running in a container may lack (runc then fails with "failed to
+/// update /proc/self/oom_score_adj: Permission denied").
+pub fn node_config(sandbox_image: &str) -> String {
+    format!(
+        "[plugins.'io.containerd.cri.v1.images'.pinned_images]\n  sandbox = '{sandbox_image}'\n\n\
+         [plugins.'io.containerd.cri.v1.runtime']\n  restrict_oom_score_adj = true\n"
+    )
 }
 
 /// Imports `image` into the CRI's namespace ([`CRI_NAMESPACE`]) of `node`, unpacked for the

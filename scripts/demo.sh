@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# The main job: a real migration, shown. Run after scripts/setup.sh, as root.
+#
+# Two "nodes" on this machine: two containerd instances, each with its own state dir, and a
+# mig-server agent for each in its own network namespace (10.231.9.1 and 10.231.9.2 on a veth
+# pair; nothing outside this machine is ever contacted). node01's agent also runs the controller.
+# A counter runs on node01 under the mig runtime; `mig-server migrate` moves it to node02, where
+# it goes on counting from where it stopped, with the file it wrote to its root filesystem.
+set -euo pipefail
+[ "$(id -u)" -eq 0 ] || { echo "demo.sh: run as root (it starts containerd)" >&2; exit 1; }
+for bin in containerd ctr runc criu containerd-shim-mig-v2 mig-server busybox; do
+    command -v "$bin" >/dev/null || { echo "demo.sh: $bin not found: run scripts/setup.sh first" >&2; exit 1; }
+done
+
+W=$(mktemp -d /tmp/mig-demo-XXXXXX)
+NS=demo
+NET1=mig-demo-1 NET2=mig-demo-2
+say() { printf '\n\033[1;34m==> %s\033[0m\n' "$*"; }
+cleanup() {
+    set +e
+    for n in 1 2; do
+        c="ctr -a $W/node0$n/containerd.sock -n $NS"
+        for t in $($c t ls -q 2>/dev/null); do $c t kill -s KILL "$t"; done
+        sleep 0.5
+        for t in $($c c ls -q 2>/dev/null); do $c t rm -f "$t" >/dev/null 2>&1; $c c rm "$t" >/dev/null 2>&1; done
+    done
+    kill $(jobs -p) 2>/dev/null; wait 2>/dev/null
+    ip netns del "$NET1" 2>/dev/null; ip netns del "$NET2" 2>/dev/null
+    grep -o " $W[^ ]*" /proc/self/mountinfo | sort -r | xargs -r -n1 umount -l
+    [ -n "${KEEP:-}" ] && echo "kept $W" || rm -rf "$W"
+}
+trap cleanup EXIT
+
+# A secret for this run only: the agents and the CLI authenticate with it.
+umask 077
+head -c 32 /dev/urandom | base64 >"$W/token"
+umask 022
+export MIG_TOKEN_FILE=$W/token
+
+say "building a busybox image (no registry here)"
+mkdir -p "$W/img/rootfs/bin" "$W/img/oci/blobs/sha256"
+cp "$(command -v busybox)" "$W/img/rootfs/bin/busybox"
+for c in sh echo sleep cat; do ln -s busybox "$W/img/rootfs/bin/$c"; done
+tar -C "$W/img/rootfs" -cf "$W/img/layer.tar" .
+blob() { local d; d=$(sha256sum "$1" | cut -d' ' -f1); cp "$1" "$W/img/oci/blobs/sha256/$d"; echo "$d $(stat -c%s "$1")"; }
+read -r L LS < <(blob "$W/img/layer.tar")
+printf '{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/bin"],"Cmd":["sh"]},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]}}' "$L" >"$W/img/cfg.json"
+read -r C CS < <(blob "$W/img/cfg.json")
+printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:%s","size":%s},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:%s","size":%s}]}' "$C" "$CS" "$L" "$LS" >"$W/img/man.json"
+read -r M MS < <(blob "$W/img/man.json")
+echo '{"imageLayoutVersion":"1.0.0"}' >"$W/img/oci/oci-layout"
+printf '{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:%s","size":%s,"annotations":{"io.containerd.image.name":"docker.io/library/mig-demo:1"}}]}' "$M" "$MS" >"$W/img/oci/index.json"
+tar -C "$W/img/oci" -cf "$W/image.tar" .
+
+say "starting two containerd nodes"
+for n in 1 2; do
+    d=$W/node0$n
+    mkdir -p "$d"
+    cat >"$d/config.toml" <<TOML
+version = 3
+root = "$d/root"
+state = "$d/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime", "io.containerd.nri.v1.nri"]
+[grpc]
+  address = "$d/containerd.sock"
+TOML
+    MIG_STATE_DIR=$d/mig containerd --config "$d/config.toml" >"$d/containerd.log" 2>&1 &
+done
+for n in 1 2; do
+    for _ in $(seq 100); do ctr -a "$W/node0$n/containerd.sock" version >/dev/null 2>&1 && break; sleep 0.1; done
+    ctr -a "$W/node0$n/containerd.sock" -n $NS images import "$W/image.tar" >/dev/null
+    echo "node0$n: $(ctr -a "$W/node0$n/containerd.sock" version | awk '/Version/{print "containerd "$2; exit}')"
+done
+
+say "giving each node's agent its own address (network namespaces $NET1, $NET2)"
+ip netns del "$NET1" 2>/dev/null || true; ip netns del "$NET2" 2>/dev/null || true
+ip netns add "$NET1"; ip netns add "$NET2"
+ip link add mig-demo-a type veth peer name mig-demo-b
+ip link set mig-demo-a netns "$NET1"; ip link set mig-demo-b netns "$NET2"
+ip -n "$NET1" addr add 10.231.9.1/24 dev mig-demo-a; ip -n "$NET1" link set mig-demo-a up; ip -n "$NET1" link set lo up
+ip -n "$NET2" addr add 10.231.9.2/24 dev mig-demo-b; ip -n "$NET2" link set mig-demo-b up; ip -n "$NET2" link set lo up
+SERVER=http://10.231.9.1:7070
+ip netns exec "$NET1" mig-server serve --role all --listen 10.231.9.1:7070 --node-name node01 \
+    --containerd-address "$W/node01/containerd.sock" --namespace $NS --state-dir "$W/node01/mig" \
+    --token-file "$W/token" >"$W/agent-node01.log" 2>&1 &
+ip netns exec "$NET2" mig-server serve --role node --listen 10.231.9.2:7070 --node-name node02 \
+    --controller $SERVER --containerd-address "$W/node02/containerd.sock" --namespace $NS \
+    --state-dir "$W/node02/mig" --token-file "$W/token" >"$W/agent-node02.log" 2>&1 &
+for _ in $(seq 100); do
+    [ "$(ip netns exec "$NET1" mig-server nodes --server $SERVER 2>/dev/null | grep -c node0)" -ge 2 ] && break
+    sleep 0.2
+done
+ip netns exec "$NET1" mig-server nodes --server $SERVER
+
+A="ctr -a $W/node01/containerd.sock -n $NS"
+B="ctr -a $W/node02/containerd.sock -n $NS"
+say "running a counter on node01 (runtime io.containerd.mig.v2, deployment \"counter\")"
+$A run -d --runtime io.containerd.mig.v2 --label mig.dev/workload=counter docker.io/library/mig-demo:1 counter \
+    sh -c 'i=0; while :; do i=$((i+1)); echo $i > /count; echo "tick $i" >> /var-log.txt; sleep 0.1; done'
+sleep 2
+echo "node01: count = $($A t exec --exec-id peek counter cat /count)"
+
+say "POST /migrate {\"deployment\":\"counter\",\"originNode\":\"node01\",\"destNode\":\"node02\"}"
+ip netns exec "$NET1" mig-server migrate --deployment counter --from node01 --to node02 --server $SERVER
+
+say "after the migration"
+echo "node01 tasks:"; $A t ls
+echo "node02 tasks:"; $B t ls
+first=$($B t exec --exec-id peek1 counter cat /count)
+sleep 1
+second=$($B t exec --exec-id peek2 counter cat /count)
+lines=$($B t exec --exec-id peek3 counter sh -c 'wc -l < /var-log.txt')
+echo "node02: count = $first, one second later $second; /var-log.txt (written on node01 and on) has $lines lines"
+if [ "$second" -le "$first" ] || [ "$first" -lt 20 ]; then
+    echo "demo.sh: the counter did not resume from its state on node02" >&2
+    exit 1
+fi
+say "migration record"
+ip netns exec "$NET1" mig-server status --server $SERVER
+say "done: the counter kept its memory and its files across nodes"
