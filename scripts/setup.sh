@@ -44,7 +44,7 @@ if ! apt-cache policy containerd 2>/dev/null | grep -q '/debian sid/'; then
 fi
 
 need=()
-for pkg in runc iptables busybox-static zstd iproute2 libc6-dev; do
+for pkg in runc iptables busybox-static zstd iproute2 libc6-dev gcc curl python3-venv; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
