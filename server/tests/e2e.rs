@@ -3,7 +3,7 @@
 //! (10.231.0.1 and 10.231.0.2 on a veth pair; nothing else is ever a target).
 //!
 //! Skips with one line when prerequisites are missing; `MIG_E2E_REQUIRED=1` makes that a
-//! failure. The migration test needs the shim's checkpoint-on-kill (contract: MIG_STATE_DIR).
+//! failure.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -332,19 +332,6 @@ fn proxy(
     }
 }
 
-fn shim_has_checkpoint_on_kill() -> Result<(), String> {
-    let shim = mig_e2e::shim_dir().join("containerd-shim-mig-v2");
-    let bytes = std::fs::read(&shim).map_err(|e| format!("cannot read {}: {e}", shim.display()))?;
-    if bytes.windows(13).any(|w| w == b"MIG_STATE_DIR") {
-        Ok(())
-    } else {
-        Err(format!(
-            "{} has no checkpoint-on-kill yet (it never mentions MIG_STATE_DIR)",
-            shim.display()
-        ))
-    }
-}
-
 /// The counter's value, read from its file inside the container (retried: an exec can race
 /// with a task that has just been restored).
 fn count(node: &Node, id: &str) -> u64 {
@@ -380,9 +367,6 @@ fn migrate_between_two_nodes_with_faults() {
         if mig_e2e::prereq::find_on_path(tool).is_none() {
             return skip(TEST, &format!("`{tool}` is not on PATH"));
         }
-    }
-    if let Err(reason) = shim_has_checkpoint_on_kill() {
-        return skip(TEST, &reason);
     }
     let work = tempfile::tempdir().expect("tmp");
     let ns = unique_namespace("mig");
