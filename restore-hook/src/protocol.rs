@@ -5,11 +5,21 @@
 //! namespace):
 //!
 //! ```text
-//! checkpoint [TIMEOUT_MS]  ->  ok IMAGE...            (names inside the checkpoint dir)
-//! status                   ->  ok state=running mode=launch dmtcp=4.2.0 peers=1 port=7779
-//! version                  ->  ok dmtcp=4.2.0 hook=0.1.0
-//! anything failing         ->  error MESSAGE
+//! checkpoint [TIMEOUT_MS]       ->  ok IMAGE...       (names inside the checkpoint dir)
+//! checkpoint-stop [TIMEOUT_MS]  ->  ok IMAGE...       (and the application is gone)
+//! status                        ->  ok state=running mode=launch dmtcp=4.2.0 peers=1 port=7779
+//! version                       ->  ok dmtcp=4.2.0 hook=0.1.0
+//! anything failing              ->  error MESSAGE
 //! ```
+//!
+//! `checkpoint` leaves the application running. `checkpoint-stop` is the consistent
+//! checkpoint for a migration: DMTCP ends every process of the application right after writing
+//! its image (`dmtcp_command -kc`), so nothing it does after the memory image reaches files or
+//! volumes. The reply comes once the images are complete *and* the processes are gone; the
+//! hook then exits (status 137, as if killed). A failure reply says `stopped=no` when the
+//! application was never touched and keeps running, `stopped=yes` when DMTCP had already begun
+//! (the application is gone without a checkpoint):
+//! `error stopped=no MESSAGE` / `error stopped=yes MESSAGE`.
 //!
 //! Tokens are space-separated; `%`, space, tab, CR and LF inside a token are percent-encoded.
 //! `shim/src/dmtcp.rs` holds the client side of this format; keep the two in step.
@@ -21,7 +31,14 @@ pub const DEFAULT_CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(300);
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Request {
-    Checkpoint { timeout: Duration },
+    /// Checkpoint, leaving the application running.
+    Checkpoint {
+        timeout: Duration,
+    },
+    /// Checkpoint, and end the application with its image (a stop for migration).
+    CheckpointStop {
+        timeout: Duration,
+    },
     Status,
     Version,
 }
@@ -29,15 +46,19 @@ pub enum Request {
 impl Request {
     pub fn parse(line: &str) -> Result<Self, String> {
         let mut words = line.split_whitespace();
+        let timeout = |ms: Option<&str>| match ms {
+            None => Ok(DEFAULT_CHECKPOINT_TIMEOUT),
+            Some(ms) => ms
+                .parse()
+                .map(Duration::from_millis)
+                .map_err(|_| format!("checkpoint timeout {ms:?} is not milliseconds")),
+        };
         let req = match (words.next(), words.next()) {
-            (Some("checkpoint"), None) => Request::Checkpoint {
-                timeout: DEFAULT_CHECKPOINT_TIMEOUT,
+            (Some("checkpoint"), ms) => Request::Checkpoint {
+                timeout: timeout(ms)?,
             },
-            (Some("checkpoint"), Some(ms)) => Request::Checkpoint {
-                timeout: Duration::from_millis(
-                    ms.parse()
-                        .map_err(|_| format!("checkpoint timeout {ms:?} is not milliseconds"))?,
-                ),
+            (Some("checkpoint-stop"), ms) => Request::CheckpointStop {
+                timeout: timeout(ms)?,
             },
             (Some("status"), None) => Request::Status,
             (Some("version"), None) => Request::Version,
@@ -91,6 +112,19 @@ mod tests {
                 timeout: Duration::from_millis(1500)
             })
         );
+        assert_eq!(
+            Request::parse("checkpoint-stop 2000\n"),
+            Ok(Request::CheckpointStop {
+                timeout: Duration::from_millis(2000)
+            })
+        );
+        assert_eq!(
+            Request::parse("checkpoint-stop"),
+            Ok(Request::CheckpointStop {
+                timeout: DEFAULT_CHECKPOINT_TIMEOUT
+            })
+        );
+        assert!(Request::parse("checkpoint-stop 1 2").is_err());
         assert_eq!(Request::parse("status"), Ok(Request::Status));
         assert_eq!(Request::parse("version\n"), Ok(Request::Version));
         assert!(Request::parse("checkpoint soon").is_err());

@@ -72,6 +72,11 @@ fn io_err(
     move |source| HookError::Io { what, path, source }
 }
 
+/// The hook's exit status after a `checkpoint-stop`: 128 + SIGKILL, as a CRIU dump's kill
+/// reports. DMTCP ends each process with `_exit(0)`, but a status of 0 would tell Kubernetes
+/// the workload completed (a Job would count as succeeded), when it was stopped to move.
+const STOPPED_BY_CHECKPOINT: i32 = 137;
+
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 const COORDINATOR_START: Duration = Duration::from_secs(10);
 
@@ -153,9 +158,16 @@ pub fn run(args: Vec<OsString>) -> Result<i32, HookError> {
         version,
         mode,
     ));
-    std::thread::spawn(move || controller.serve(listener));
+    let server = Arc::clone(&controller);
+    std::thread::spawn(move || server.serve(listener));
 
-    let code = supervise(&children, &mask);
+    let mut code = supervise(&children, &mask);
+    // A `checkpoint-stop` ends the application before it is answered: the container must
+    // not end (taking the coordinator and the reply with it) until the reply is out.
+    if controller.shut_down() {
+        log!("the application ended with its checkpoint (exit {code}); exiting 137 as if killed");
+        code = STOPPED_BY_CHECKPOINT;
+    }
     let _ = fs::remove_file(&socket);
     for pid in children.with_role(Role::Coordinator) {
         let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);

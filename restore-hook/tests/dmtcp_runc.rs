@@ -429,14 +429,67 @@ fn counter_continues_in_a_new_container() {
         "second checkpoint (of the restored process): {second_ms} ms at count {second}; \
          second restart: {restart2_ms} ms, resumed at {third}"
     );
-    runc(&["kill", &id_c, "TERM"]);
-    let code_c = exit_of(&mut c, Duration::from_secs(10));
-    runc(&["delete", "-f", &id_c]);
     assert!(
         third + 1 >= second && third <= second + 3,
         "C should resume from the second checkpoint ({second}), not from {third}"
     );
-    assert_eq!(code_c, Some(143), "log:\n{}", env.log(&id_c));
+    env.wait_count(&id_c, &mut c, |n| n >= third + 3, Duration::from_secs(5));
+
+    // A checkpoint for a stop (migration): DMTCP ends the counter with its image, the hook
+    // answers, then exits. Nothing counts after the image: D continues exactly after it.
+    let sock_c = env.dir.join("c-ctl/ctl.sock");
+    let t = Instant::now();
+    let reply = request(&sock_c, "checkpoint-stop 30000\n");
+    let stop_ms = t.elapsed().as_millis();
+    assert!(
+        reply.starts_with("ok ckpt_"),
+        "checkpoint-stop failed: {reply}\nlog:\n{}",
+        env.log(&id_c)
+    );
+    let stopped = env.count().unwrap();
+    let code_c = exit_of(&mut c, Duration::from_secs(10));
+    let exited_ms = t.elapsed().as_millis();
+    runc(&["delete", "-f", &id_c]);
+    assert_eq!(
+        code_c,
+        Some(137),
+        "the hook should exit 137 after a checkpoint-stop; log:\n{}",
+        env.log(&id_c)
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        env.count(),
+        Some(stopped),
+        "the counter ran on after checkpoint-stop"
+    );
+    let manifest = fs::read_to_string(env.dir.join("ckpt/mig-images.txt")).unwrap();
+    assert_eq!(
+        reply
+            .trim_start_matches("ok ")
+            .split(' ')
+            .collect::<Vec<_>>(),
+        manifest.lines().collect::<Vec<_>>()
+    );
+
+    fs::remove_file(env.dir.join("data/count")).unwrap();
+    let bundle_d = env.bundle("d", "node-d", &["/bin/counter", "/data/count"]);
+    let id_d = format!("mig-e2e-d-{}", std::process::id());
+    let mut d = env.run(&bundle_d, &id_d);
+    let fourth = env.wait_count(&id_d, &mut d, |_| true, Duration::from_secs(20));
+    println!(
+        "checkpoint-stop: {stop_ms} ms to the reply, {exited_ms} ms to the container's exit, \
+         stopped at {stopped}; D resumed at {fourth}"
+    );
+    assert_eq!(
+        fourth,
+        stopped + 1,
+        "D should continue right after the count C stopped at"
+    );
+    env.wait_count(&id_d, &mut d, |n| n >= fourth + 2, Duration::from_secs(5));
+    runc(&["kill", &id_d, "TERM"]);
+    let code_d = exit_of(&mut d, Duration::from_secs(10));
+    runc(&["delete", "-f", &id_d]);
+    assert_eq!(code_d, Some(143), "log:\n{}", env.log(&id_d));
 }
 
 #[test]

@@ -16,9 +16,11 @@
 //! ```
 //!
 //! The protocol (one line each way; the hook's `protocol.rs` is the server side):
-//! `checkpoint [TIMEOUT_MS]` -> `ok IMAGE...`, `status` -> `ok state=.. mode=.. dmtcp=..
-//! peers=.. port=..`, `version` -> `ok dmtcp=4.2.0 hook=0.1.0`, failures -> `error MESSAGE`;
-//! `%`, space, tab, CR and LF inside a token are percent-encoded.
+//! `checkpoint [TIMEOUT_MS]` -> `ok IMAGE...` (the application runs on),
+//! `checkpoint-stop [TIMEOUT_MS]` -> `ok IMAGE...` (DMTCP ended the application with its image;
+//! the hook exits next) or `error stopped=yes|no MESSAGE`, `status` -> `ok state=.. mode=..
+//! dmtcp=.. peers=.. port=..`, `version` -> `ok dmtcp=4.2.0 hook=0.1.0`, failures -> `error
+//! MESSAGE`; `%`, space, tab, CR and LF inside a token are percent-encoded.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -136,6 +138,11 @@ pub enum DmtcpError {
     },
     #[error("restore-hook refused {request:?}: {message}")]
     Hook { request: String, message: String },
+    /// A `checkpoint-stop` the hook reports failed; `stopped`: DMTCP had already begun ending
+    /// the application, which is gone without a checkpoint (else it keeps running).
+    #[error("restore-hook: checkpoint-stop failed ({}): {message}",
+        if *stopped { "DMTCP had begun ending the application" } else { "the application keeps running" })]
+    StopFailed { stopped: bool, message: String },
     #[error("restore-hook sent a malformed reply {reply:?}")]
     Protocol { reply: String },
 }
@@ -627,6 +634,39 @@ pub async fn checkpoint(ctl_socket: &Path, timeout: Duration) -> Result<Vec<Path
     Ok(tokens.into_iter().map(PathBuf::from).collect())
 }
 
+/// Asks the hook behind `ctl_socket` for a checkpoint that ends the application: DMTCP
+/// writes every process's image and ends the process instead of resuming it, so nothing the
+/// application does after its memory image reaches its files (the checkpoint for a stop).
+///
+/// Returns the image names (as [`checkpoint`]) once the images are complete and the
+/// application is gone; the hook, the container's init, exits right after replying (status
+/// 137). [`DmtcpError::StopFailed`] tells whether a failure left the application running;
+/// other errors (no reply, timeout) leave that unknown: ask [`status`].
+pub async fn checkpoint_and_stop(ctl_socket: &Path, timeout: Duration) -> Result<Vec<PathBuf>> {
+    let request = format!("checkpoint-stop {}", timeout.as_millis());
+    match call(ctl_socket, &request, timeout + Duration::from_secs(5)).await {
+        Ok(tokens) => Ok(tokens.into_iter().map(PathBuf::from).collect()),
+        Err(DmtcpError::Hook { message, .. }) => Err(stop_failure(message)),
+        Err(e) => Err(e),
+    }
+}
+
+fn stop_failure(message: String) -> DmtcpError {
+    for (prefix, stopped) in [("stopped=yes ", true), ("stopped=no ", false)] {
+        if let Some(rest) = message.strip_prefix(prefix) {
+            return DmtcpError::StopFailed {
+                stopped,
+                message: rest.to_owned(),
+            };
+        }
+    }
+    // A hook without `checkpoint-stop` refuses the request before touching anything.
+    DmtcpError::StopFailed {
+        stopped: false,
+        message,
+    }
+}
+
 /// The versions the hook reports (`dmtcp`, `hook`), for the checkpoint's manifest.
 pub async fn version(ctl_socket: &Path) -> Result<BTreeMap<String, String>> {
     let tokens = call(ctl_socket, "version", Duration::from_secs(10)).await?;
@@ -981,6 +1021,38 @@ mod tests {
             .unwrap();
         assert_eq!(images, vec![PathBuf::from("ckpt_counter_1-40000-2.dmtcp")]);
         assert_eq!(server.await.unwrap(), "checkpoint 1500\n");
+
+        // checkpoint-stop: images on success, and whether a failure stopped the application.
+        for (answer, expect) in [
+            ("ok ckpt_a.dmtcp\n", Ok(vec![PathBuf::from("ckpt_a.dmtcp")])),
+            (
+                "error stopped=no no process is running under DMTCP\n",
+                Err(false),
+            ),
+            ("error stopped=yes the application exited\n", Err(true)),
+            ("error unknown request \"checkpoint-stop\"\n", Err(false)),
+        ] {
+            let sock = t.path().join("stop.sock");
+            let _ = fs::remove_file(&sock);
+            let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+            let server = tokio::spawn(async move {
+                let (stream, _) = listener.accept().await.unwrap();
+                let (r, mut w) = stream.into_split();
+                let mut line = String::new();
+                BufReader::new(r).read_line(&mut line).await.unwrap();
+                w.write_all(answer.as_bytes()).await.unwrap();
+                line
+            });
+            let got = checkpoint_and_stop(&sock, Duration::from_millis(2500)).await;
+            assert_eq!(server.await.unwrap(), "checkpoint-stop 2500\n");
+            match (got, expect) {
+                (Ok(images), Ok(want)) => assert_eq!(images, want),
+                (Err(DmtcpError::StopFailed { stopped, .. }), Err(want)) => {
+                    assert_eq!(stopped, want, "{answer}")
+                }
+                (got, _) => panic!("{answer}: unexpected {got:?}"),
+            }
+        }
 
         // Nobody answering: the client gives up after its timeout.
         let silent = tokio::net::UnixListener::bind(t.path().join("silent.sock")).unwrap();

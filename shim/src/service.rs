@@ -585,8 +585,11 @@ impl Service {
         })
     }
 
-    /// A stop for migration: checkpoint into the node's store, then stop. A failed checkpoint
-    /// leaves the container running and is reported, unless the mark forces the stop.
+    /// A stop for migration: checkpoint into the node's store, which stops the container's
+    /// processes (CRIU's dump kills them; DMTCP ends them right after their images, and the
+    /// restore-hook exits). A checkpoint that fails before the processes were stopped leaves
+    /// the container running and is reported, unless the mark forces the stop; one that fails
+    /// after (DMTCP midway, or archiving) leaves it stopped without a checkpoint.
     async fn checkpoint_then_stop(
         &self,
         c: &Container,
@@ -604,19 +607,53 @@ impl Service {
                     // CRIU has already stopped the container's processes.
                     return Ok(());
                 }
-                c.runtime.kill(&c.id, signal, all).await
+                // DMTCP ended the application; its init, the hook, exits after replying.
+                self.await_init_exit(c).await
             }
-            Err(e) if force => {
-                tracing::error!(container_id = %c.id, error = %e, "checkpoint before stop failed; stopping anyway (forced)");
+            Err(f) if f.stopped => {
+                tracing::error!(container_id = %c.id, error = %f.error, "checkpoint before stop failed after the container's processes were stopped");
+                if force {
+                    w.node.clear_mark(&w.identity);
+                }
+                self.await_init_exit(c).await?;
+                if force {
+                    return Ok(());
+                }
+                Err(Error::FailedPrecondition(format!(
+                    "container {} is stopped without a checkpoint: its checkpoint before stop \
+                     failed after its processes had been stopped: {}",
+                    c.id, f.error
+                )))
+            }
+            Err(f) if force => {
+                tracing::error!(container_id = %c.id, error = %f.error, "checkpoint before stop failed; stopping anyway (forced)");
                 w.node.clear_mark(&w.identity);
                 c.runtime.kill(&c.id, signal, all).await
             }
-            Err(e) => Err(Error::FailedPrecondition(format!(
+            Err(f) => Err(Error::FailedPrecondition(format!(
                 "container {} was not stopped: its checkpoint before stop failed, and it keeps \
-                 running: {e}",
-                c.id
+                 running: {}",
+                c.id, f.error
             ))),
         }
+    }
+
+    /// Waits for the container's init to be gone after the engine ended it (DMTCP's hook exits
+    /// right after answering); SIGKILLs what is left if it lingers.
+    async fn await_init_exit(&self, c: &Container) -> Result<()> {
+        const LINGER: Duration = Duration::from_secs(10);
+        let pid = nix::unistd::Pid::from_raw(c.init.pid);
+        let started = std::time::Instant::now();
+        // Gone once the shim's reaper has reaped it (a zombie still answers signal 0).
+        while c.init.pid > 0 && nix::sys::signal::kill(pid, None).is_ok() {
+            if started.elapsed() >= LINGER {
+                tracing::warn!(container_id = %c.id, pid = c.init.pid, "the init did not exit after its checkpoint; killing the container");
+                return c.runtime.kill(&c.id, libc::SIGKILL as u32, true).await;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tracing::debug!(container_id = %c.id, waited_ms = started.elapsed().as_millis() as u64, "the init exited after its checkpoint");
+        Ok(())
     }
 
     /// `Delete`: removes an exited exec, or the container once its init is not running.
@@ -885,9 +922,10 @@ impl Service {
         tracing::info!(container_id = %req.id, image_path = %opts.image_path.display(), exit = o.exit, "checkpoint");
         match &c.workload {
             Some(w) if w.engine.kind() == EngineKind::Dmtcp => {
-                w.checkpoint_native(&opts.image_path).await?;
+                // With exit, DMTCP ends the application with its images and the hook exits.
+                w.checkpoint_native(&opts.image_path, o.exit).await?;
                 if o.exit {
-                    c.runtime.kill(&req.id, libc::SIGKILL as u32, false).await?;
+                    self.await_init_exit(&c).await?;
                 }
                 Ok(())
             }

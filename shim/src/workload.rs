@@ -381,29 +381,54 @@ impl Workload {
             .map_err(|e| Error::Other(format!("write the wrapped spec: {e}")))
     }
 
-    /// Whether a stop with `signal` must checkpoint first: SIGTERM or SIGKILL, with a
-    /// migration mark from the node agent or the checkpoint-on-stop annotation.
+    /// Whether a stop with `signal` must checkpoint first (SIGTERM or SIGKILL, with a
+    /// migration mark from the node agent or the checkpoint-on-stop annotation), and if so
+    /// whether the stop is forced when the checkpoint fails.
+    ///
+    /// SIGKILL forces: it is what the kubelet sends when the grace period after SIGTERM ran
+    /// out, and what an operator sends to end a container; refusing it would leave a pod
+    /// Terminating forever (e.g. once its sandbox is gone and no checkpoint can succeed). A
+    /// SIGTERM with a failed checkpoint is refused and the container keeps running.
     pub fn stop_needs_checkpoint(&self, signal: u32) -> Result<Option<bool>> {
-        if signal != libc::SIGTERM as u32 && signal != libc::SIGKILL as u32 {
+        let sigkill = signal == libc::SIGKILL as u32;
+        if signal != libc::SIGTERM as u32 && !sigkill {
             return Ok(None);
         }
         if let Some(mark) = self.node.mark(&self.identity)? {
-            return Ok(Some(mark.force));
+            return Ok(Some(mark.force || sigkill));
         }
-        Ok(self.checkpoint_on_stop.then_some(false))
+        Ok(self.checkpoint_on_stop.then_some(sigkill))
     }
 
-    /// Checkpoints the running container into the node's store. With CRIU the container's
-    /// processes are gone afterwards; with DMTCP they still run and must be stopped by the
-    /// caller. On error nothing is installed in the store and the container keeps running.
-    pub async fn checkpoint(&self, id: &str, runtime: &dyn Runtime) -> Result<Checkpoint> {
-        let store = self.node.store()?;
+    /// Checkpoints the running container into the node's store for a stop: afterwards its
+    /// processes are gone (CRIU's dump kills them; DMTCP ends them with their images), so the
+    /// upper layer and the volumes are archived once the application can no longer write to
+    /// them, and the checkpoint is consistent with them.
+    ///
+    /// With DMTCP the container's init (the restore-hook) exits right after the checkpoint
+    /// (status 137); the caller should wait for that exit rather than signal it. A failure
+    /// says whether the processes were already stopped: before the engine stopped them
+    /// nothing is installed in the store and the container keeps running.
+    pub async fn checkpoint(
+        &self,
+        id: &str,
+        runtime: &dyn Runtime,
+    ) -> std::result::Result<Checkpoint, StopCheckpointError> {
+        let running = |error| StopCheckpointError {
+            error,
+            stopped: false,
+        };
+        let stopped = |error| StopCheckpointError {
+            error,
+            stopped: true,
+        };
+        let store = self.node.store().map_err(running)?;
         let mut writer = store
             .begin(&self.identity)
-            .map_err(|e| Error::Other(format!("start a checkpoint of {id}: {e}")))?;
+            .map_err(|e| running(Error::Other(format!("start a checkpoint of {id}: {e}"))))?;
         let images = writer
             .images_dir()
-            .map_err(|e| Error::Other(format!("checkpoint of {id}: {e}")))?;
+            .map_err(|e| running(Error::Other(format!("checkpoint of {id}: {e}"))))?;
         match &self.engine {
             Engine::Criu { .. } => {
                 let opts = CheckpointOpts {
@@ -413,18 +438,31 @@ impl Workload {
                     file_locks: true,
                     ..Default::default()
                 };
-                runtime.checkpoint(id, &opts).await?;
+                // A failed dump leaves the processes running (CRIU resumes them).
+                runtime.checkpoint(id, &opts).await.map_err(running)?;
             }
             Engine::Dmtcp { dirs, .. } => {
-                dmtcp::checkpoint(&dirs.ctl_socket(), DMTCP_CHECKPOINT_TIMEOUT)
-                    .await
-                    .map_err(|e| Error::Other(format!("DMTCP checkpoint of {id}: {e}")))?;
+                let socket = dirs.ctl_socket();
+                if let Err(e) = dmtcp::checkpoint_and_stop(&socket, DMTCP_CHECKPOINT_TIMEOUT).await
+                {
+                    let gone = match &e {
+                        dmtcp::DmtcpError::StopFailed { stopped, .. } => *stopped,
+                        // No (valid) answer: ask whether the application is still there.
+                        _ => hook_reports_app_gone(&socket).await,
+                    };
+                    return Err(StopCheckpointError {
+                        error: Error::Other(format!("DMTCP checkpoint of {id}: {e}")),
+                        stopped: gone,
+                    });
+                }
                 let (from, to) = (dirs.ckpt.clone(), images);
                 tokio::task::spawn_blocking(move || copy_files(&from, &to))
                     .await
-                    .map_err(|e| Error::Other(format!("copy DMTCP images: {e}")))??;
+                    .map_err(|e| stopped(Error::Other(format!("copy DMTCP images: {e}"))))?
+                    .map_err(stopped)?;
             }
         }
+        // From here on the application is gone, whatever fails.
         let upper = self.rootfs.as_ref().map(|r| r.upper.clone());
         let volumes = self.volumes.clone();
         let (engine, image) = (self.engine.info(), self.image.clone());
@@ -440,18 +478,25 @@ impl Workload {
             writer.commit(engine, &image).map_err(fail)
         })
         .await
-        .map_err(|e| Error::Other(format!("checkpoint: {e}")))?
+        .map_err(|e| stopped(Error::Other(format!("checkpoint: {e}"))))?
+        .map_err(stopped)
     }
 
     /// containerd's own checkpoint (`Task.Checkpoint`) of a DMTCP container: the images go to
-    /// containerd's image path with a record of the engine that made them.
-    pub async fn checkpoint_native(&self, image_path: &Path) -> Result<()> {
+    /// containerd's image path with a record of the engine that made them. With `exit` the
+    /// application ends with its images (as [`Workload::checkpoint`]; the hook exits next),
+    /// else it runs on.
+    pub async fn checkpoint_native(&self, image_path: &Path, exit: bool) -> Result<()> {
         let Engine::Dmtcp { dirs, .. } = &self.engine else {
             return Err(Error::Other("not a DMTCP container".into()));
         };
-        dmtcp::checkpoint(&dirs.ctl_socket(), DMTCP_CHECKPOINT_TIMEOUT)
-            .await
-            .map_err(|e| Error::Other(format!("DMTCP checkpoint: {e}")))?;
+        let socket = dirs.ctl_socket();
+        if exit {
+            dmtcp::checkpoint_and_stop(&socket, DMTCP_CHECKPOINT_TIMEOUT).await
+        } else {
+            dmtcp::checkpoint(&socket, DMTCP_CHECKPOINT_TIMEOUT).await
+        }
+        .map_err(|e| Error::Other(format!("DMTCP checkpoint: {e}")))?;
         let (from, to) = (dirs.ckpt.clone(), image_path.to_path_buf());
         tokio::task::spawn_blocking(move || copy_files(&from, &to))
             .await
@@ -527,6 +572,27 @@ impl Workload {
     /// Removes the shim's own per-container dirs (never containerd's snapshot).
     pub fn remove_scratch(&self) {
         let _ = std::fs::remove_dir_all(&self.scratch);
+    }
+}
+
+/// A checkpoint for a stop that failed.
+#[derive(Debug)]
+pub struct StopCheckpointError {
+    /// What failed.
+    pub error: Error,
+    /// The container's processes were already stopped (CRIU dumped them, or DMTCP had begun
+    /// ending them): it is stopped without a checkpoint. Else it keeps running.
+    pub stopped: bool,
+}
+
+/// After a `checkpoint-stop` without a valid answer: whether the application is gone (the
+/// hook is gone, or reports no process under DMTCP). A hook that does not answer is taken
+/// to be alive: the container is then reported as still running, and is not killed.
+async fn hook_reports_app_gone(socket: &Path) -> bool {
+    match dmtcp::status(socket).await {
+        Ok(status) => status.get("peers").map(String::as_str) == Some("0"),
+        Err(dmtcp::DmtcpError::Control { .. }) => true,
+        Err(_) => false,
     }
 }
 
@@ -655,5 +721,31 @@ mod tests {
             err.contains("dmtcp 4.2.0") && err.contains("refusing"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn sigterm_checkpoints_strictly_and_sigkill_forces() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = criu_workload(dir.path(), "4.2.1");
+        let (term, kill) = (libc::SIGTERM as u32, libc::SIGKILL as u32);
+        assert_eq!(
+            w.stop_needs_checkpoint(term).unwrap(),
+            None,
+            "no mark, no annotation"
+        );
+        assert_eq!(w.stop_needs_checkpoint(kill).unwrap(), None);
+        w.checkpoint_on_stop = true;
+        assert_eq!(w.stop_needs_checkpoint(term).unwrap(), Some(false));
+        assert_eq!(w.stop_needs_checkpoint(kill).unwrap(), Some(true));
+        assert_eq!(w.stop_needs_checkpoint(libc::SIGINT as u32).unwrap(), None);
+        w.checkpoint_on_stop = false;
+        let mark = crate::node::Mark {
+            migration: "m1".into(),
+            force: false,
+        };
+        w.node.set_mark(&w.identity, &mark).unwrap();
+        assert_eq!(w.stop_needs_checkpoint(term).unwrap(), Some(false));
+        w.node.clear_mark(&w.identity);
+        assert_eq!(w.stop_needs_checkpoint(term).unwrap(), None);
     }
 }
