@@ -268,16 +268,16 @@ fn exit_of(child: &mut Child, timeout: Duration) -> Option<i32> {
 fn setup() -> Option<(tempfile::TempDir, Env)> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        println!("skipped: needs root (runc containers)");
+        skip("needs root (runc containers)");
         return None;
     }
     let Some(dmtcp) = dmtcp_dir().filter(|d| d.join("bin/dmtcp_launch").is_file()) else {
-        println!("skipped: DMTCP not installed (no dmtcp_launch on PATH, MIG_DMTCP_DIR unset)");
+        skip("DMTCP not installed (no dmtcp_launch on PATH, MIG_DMTCP_DIR unset)");
         return None;
     };
     for tool in ["runc", "gcc", "ldd"] {
         if which(tool).is_none() {
-            println!("skipped: {tool} not on PATH");
+            skip(&format!("{tool} not on PATH"));
             return None;
         }
     }
@@ -497,7 +497,7 @@ fn static_entrypoint_is_refused_with_a_reason() {
     let Some((_tmp, env)) = setup() else { return };
     let busybox = Path::new("/bin/busybox");
     if !busybox.is_file() {
-        println!("skipped: /bin/busybox (busybox-static) not installed");
+        skip("/bin/busybox (busybox-static) not installed");
         return;
     }
     install(
@@ -514,4 +514,26 @@ fn static_entrypoint_is_refused_with_a_reason() {
     println!("{}", log.trim());
     assert_eq!(code, Some(127), "log:\n{log}");
     assert!(log.contains("DMTCP cannot checkpoint statically linked program /bin/static-sleep"));
+}
+
+/// Says why this test is skipped: on stderr, and appended to `MIG_SKIP_LOG` (cargo test hides
+/// a passing test's output; scripts/test.sh prints that file), so a skip is never silent.
+fn skip(reason: &str) {
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("restore-hook dmtcp_runc")
+        .to_string();
+    let line = format!("SKIP {test}: {reason}");
+    eprintln!("{line}");
+    if let Some(path) = std::env::var_os("MIG_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            // One write: concurrent tests append whole lines.
+            let _ = f.write_all(format!("{line}\n").as_bytes());
+        }
+    }
 }

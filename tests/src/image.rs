@@ -273,7 +273,10 @@ mod tests {
     #[test]
     fn busybox_image_is_an_oci_layout_and_cached() {
         if !Path::new(BUSYBOX).exists() {
-            eprintln!("SKIP busybox_image_is_an_oci_layout_and_cached: {BUSYBOX} is missing");
+            crate::note_skip(
+                "busybox_image_is_an_oci_layout_and_cached",
+                &format!("{BUSYBOX} is missing"),
+            );
             return;
         }
         let a = TestImage::busybox().unwrap();
@@ -292,7 +295,7 @@ mod tests {
     fn layer_is_deterministic() {
         let fake = b"not really busybox";
         if !Path::new(BUSYBOX).exists() {
-            eprintln!("SKIP layer_is_deterministic: {BUSYBOX} is missing");
+            crate::note_skip("layer_is_deterministic", &format!("{BUSYBOX} is missing"));
             return;
         }
         assert_eq!(

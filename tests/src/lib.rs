@@ -27,7 +27,7 @@ use std::path::PathBuf;
 
 pub use image::{ImageFile, TestImage};
 pub use node::{Node, NodeOptions, unique_namespace};
-pub use prereq::{Skip, require_root_and_tools};
+pub use prereq::{Skip, note_skip, require_root_and_tools};
 pub use shim_test::ShimTest;
 
 /// Our runtime type; containerd runs it as `containerd-shim-mig-v2`.

@@ -33,7 +33,26 @@ impl Skip {
         if required() {
             panic!("{test}: cannot run and MIG_E2E_REQUIRED=1: {}", self.reason);
         }
-        eprintln!("SKIP {test}: {}", self.reason);
+        note_skip(test, &self.reason);
+    }
+}
+
+/// Says that `test` is skipped and why: on stderr, and (cargo test hides a passing test's
+/// output) appended to the file named by `MIG_SKIP_LOG`, which scripts/test.sh prints in its
+/// summary, so that a skip is never silent.
+pub fn note_skip(test: &str, reason: &str) {
+    let line = format!("SKIP {test}: {reason}");
+    eprintln!("{line}");
+    if let Some(path) = std::env::var_os("MIG_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            // One write: concurrent tests append whole lines.
+            let _ = f.write_all(format!("{line}\n").as_bytes());
+        }
     }
 }
 

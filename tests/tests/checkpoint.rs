@@ -218,9 +218,12 @@ fn stderr(out: &Output) -> String {
 fn mig_runtime_under_test(test: &str) -> bool {
     let runtime = mig_e2e::runtime();
     if runtime != mig_e2e::MIG_RUNTIME {
-        eprintln!(
-            "SKIP {test}: checks {} only (MIG_E2E_RUNTIME={runtime})",
-            mig_e2e::MIG_RUNTIME
+        mig_e2e::note_skip(
+            test,
+            &format!(
+                "checks {} only (MIG_E2E_RUNTIME={runtime})",
+                mig_e2e::MIG_RUNTIME
+            ),
         );
         return false;
     }
@@ -971,8 +974,9 @@ fn counter_migrates_with_dmtcp() {
     let Some(dmtcp) = find_dmtcp() else {
         // Not a failure even with MIG_E2E_REQUIRED=1: DMTCP cannot be installed on a fresh
         // machine by scripts/setup.sh.
-        eprintln!(
-            "SKIP {test}: DMTCP is not installed (dmtcp_launch not on PATH, MIG_DMTCP_DIR unset)"
+        mig_e2e::note_skip(
+            test,
+            "DMTCP is not installed (dmtcp_launch not on PATH, MIG_DMTCP_DIR unset)",
         );
         return;
     };
