@@ -10,7 +10,7 @@ use tokio::sync::watch;
 
 use crate::{
     error::{Error, Result},
-    io::{PendingIo, ProcessIo},
+    io::ProcessIo,
 };
 
 /// Where a process is in its life.
@@ -96,8 +96,6 @@ pub struct Process {
     pub spec: Vec<u8>,
     /// The shim's side of its stdio, once started (or created).
     pub io: Option<ProcessIo>,
-    /// Stdio prepared but not yet attached (restore from a checkpoint attaches at start).
-    pub pending_io: Option<PendingIo>,
     exit: watch::Sender<Option<Exit>>,
 }
 
@@ -111,7 +109,6 @@ impl Process {
             status,
             spec: Vec::new(),
             io: None,
-            pending_io: None,
             exit: watch::channel(None).0,
         }
     }

@@ -225,7 +225,7 @@ impl Service {
             bundle.join(OPTIONS_FILE).display()
         )))?;
         let mut spec = load_spec(&bundle)?;
-        let mut workload = match &spec {
+        let workload = match &spec {
             Some(s) if !workload::is_sandbox(s) => {
                 Some(self.prepare_workload(req, &options, s, &bundle).await?)
             }
@@ -277,12 +277,9 @@ impl Service {
                 return Err(e);
             }
         };
-        if let Some(w) = workload.as_mut()
-            && w.engine.kind() == EngineKind::Dmtcp
-            && w.pending.is_some()
-        {
-            // The restore-hook restarts from the images at start; from here on the restore
-            // is DMTCP's, and the start decides whether it worked.
+        if dmtcp && workload.as_ref().is_some_and(|w| w.pending.is_some()) {
+            // The restore-hook restarts from the images at start; the start decides whether
+            // the restore worked.
             tracing::info!(container_id = %req.id, "DMTCP restart staged");
         }
         let pid = init.pid;
