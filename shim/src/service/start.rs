@@ -1,0 +1,350 @@
+//! Create and start: a container (from its image, or restored from a checkpoint) and its execs.
+
+use super::*;
+
+impl Service {
+    /// `Create`: mounts the root filesystem and has runc create the container (or, with a
+    /// checkpoint, prepares it to be restored at start).
+    pub async fn create(&self, req: &CreateTaskRequest) -> Result<u32> {
+        validate_id(&req.id)?;
+        if self.container(&req.id).is_ok() {
+            return Err(Error::AlreadyExists(format!(
+                "container {} already exists",
+                req.id
+            )));
+        }
+        let options = RuntimeOptions::from_any(req.options.as_ref())?;
+        let runtime = self.factory.runtime(&options)?;
+        let bundle = PathBuf::from(&req.bundle);
+        let recorded = serde_json::to_string(&options).unwrap_or_default();
+        std::fs::write(bundle.join(OPTIONS_FILE), recorded).map_err(Error::io(format!(
+            "write {}",
+            bundle.join(OPTIONS_FILE).display()
+        )))?;
+        let mut spec = load_spec(&bundle)?;
+        let workload = match &spec {
+            Some(s) if !workload::is_sandbox(s) => {
+                Some(self.prepare_workload(req, &options, s, &bundle).await?)
+            }
+            _ => None,
+        };
+        let rootfs = match workload.as_ref().and_then(|w| w.rootfs.as_ref()) {
+            Some(overlay) => {
+                let w = workload.as_ref().expect("checked above");
+                w.unpack_pending().await?;
+                overlay.mount(&req.rootfs, &bundle).await?;
+                None
+            }
+            None => mount_rootfs(&req.rootfs, &bundle).await?,
+        };
+        let unmount_all = |workload: &Option<Workload>, rootfs: &Option<PathBuf>| {
+            if let Some(r) = workload.as_ref().and_then(|w| w.rootfs.as_ref()) {
+                r.unmount();
+            }
+            if let Some(root) = rootfs {
+                unmount_rootfs(root);
+            }
+        };
+        if let (Some(w), Some(spec)) = (&workload, spec.as_mut())
+            && let Err(e) = w.wrap_entrypoint(spec, &bundle)
+        {
+            unmount_all(&workload, &rootfs);
+            return Err(e);
+        }
+        let dmtcp = workload.as_ref().map(|w| w.engine.kind()) == Some(EngineKind::Dmtcp);
+        let restore_from = if !req.checkpoint.is_empty() {
+            // A DMTCP container restarts from the images the hook finds; CRIU's are restored
+            // by runc at start.
+            (!dmtcp).then(|| PathBuf::from(&req.checkpoint))
+        } else {
+            workload
+                .as_ref()
+                .filter(|w| w.engine.kind() == EngineKind::Criu)
+                .and_then(|w| w.pending.as_ref())
+                .map(|c| c.images_dir())
+        };
+        let paths = Paths::new(&req.stdin, &req.stdout, &req.stderr, req.terminal);
+        let created = self
+            .create_in(req, &bundle, &paths, runtime.clone(), restore_from.clone())
+            .await;
+        let init = match created {
+            Ok(v) => v,
+            Err(e) => {
+                unmount_all(&workload, &rootfs);
+                return Err(e);
+            }
+        };
+        if dmtcp && workload.as_ref().is_some_and(|w| w.pending.is_some()) {
+            // The restore-hook restarts from the images at start; the start decides whether
+            // the restore worked.
+            tracing::info!(container_id = %req.id, "DMTCP restart staged");
+        }
+        let pid = init.pid;
+        let container = Container {
+            id: req.id.clone(),
+            bundle,
+            rootfs,
+            runtime,
+            init,
+            execs: HashMap::new(),
+            restore_from,
+            workload,
+        };
+        self.containers
+            .lock()
+            .expect("container map poisoned")
+            .insert(req.id.clone(), Arc::new(AsyncMutex::new(container)));
+        tracing::info!(container_id = %req.id, pid, "container created");
+        self.events.send(
+            TASK_CREATE_EVENT_TOPIC,
+            TaskCreate {
+                container_id: req.id.clone(),
+                bundle: req.bundle.clone(),
+                rootfs: req.rootfs.clone(),
+                io: MessageField::some(TaskIO {
+                    stdin: req.stdin.clone(),
+                    stdout: req.stdout.clone(),
+                    stderr: req.stderr.clone(),
+                    terminal: req.terminal,
+                    ..Default::default()
+                }),
+                checkpoint: req.checkpoint.clone(),
+                pid: pid as u32,
+                ..Default::default()
+            },
+        );
+        Ok(pid as u32)
+    }
+
+    async fn create_in(
+        &self,
+        req: &CreateTaskRequest,
+        bundle: &Path,
+        paths: &Paths,
+        runtime: Arc<dyn Runtime>,
+        restore_from: Option<PathBuf>,
+    ) -> Result<Process> {
+        if restore_from.is_some() {
+            // runc restore replaces create + start: nothing runs until `start`.
+            return Ok(Process::new(
+                "",
+                paths.clone(),
+                Status::CreatedFromCheckpoint,
+            ));
+        }
+        let (child, pending) = PendingIo::prepare(paths)?;
+        let pid = match runtime.create(&req.id, bundle, child).await {
+            Ok(pid) => pid,
+            Err(e) => {
+                pending.abandon().await;
+                let _ = runtime.delete(&req.id, true).await;
+                return Err(e);
+            }
+        };
+        let io = match pending.attach().await {
+            Ok(io) => io,
+            Err(e) => {
+                let _ = runtime.delete(&req.id, true).await;
+                return Err(e);
+            }
+        };
+        let mut init = Process::new("", paths.clone(), Status::Created);
+        init.pid = pid;
+        init.io = Some(io);
+        // Registered now: the init cannot run (and so cannot exit) before `start`.
+        self.pids
+            .lock()
+            .expect("pid index poisoned")
+            .register(pid, &req.id, "");
+        Ok(init)
+    }
+
+    /// The workload side of create: node configuration, identity, engine, the root's layout
+    /// and a pending checkpoint to restore from (unless containerd restores its own).
+    async fn prepare_workload(
+        &self,
+        req: &CreateTaskRequest,
+        options: &RuntimeOptions,
+        spec: &oci_spec::runtime::Spec,
+        bundle: &Path,
+    ) -> Result<Workload> {
+        let node = NodeConfig::from_options(options)?;
+        let scratch = node.container_dir(&self.namespace, &req.id)?;
+        let rootfs = (!req.rootfs.is_empty()).then(|| overlay::plan(&req.rootfs, bundle, &scratch));
+        let mut w = Workload::prepare(node, spec, &self.namespace, &req.id, rootfs).await?;
+        if !req.checkpoint.is_empty() {
+            // containerd restores its own checkpoint; the store's is not used.
+            w.pending = None;
+            w.stage_native_checkpoint(Path::new(&req.checkpoint))?;
+        }
+        Ok(w)
+    }
+
+    /// `Start` of the init or of an exec.
+    pub async fn start(self: &Arc<Self>, id: &str, exec_id: &str) -> Result<u32> {
+        let c = self.container(id)?;
+        let mut c = c.lock().await;
+        if exec_id.is_empty() {
+            self.start_init(&mut c).await
+        } else {
+            self.start_exec(&mut c, exec_id).await
+        }
+    }
+
+    async fn start_init(self: &Arc<Self>, c: &mut Container) -> Result<u32> {
+        match c.init.status {
+            Status::Created => c.runtime.start(&c.id).await?,
+            Status::CreatedFromCheckpoint => self.restore_init(c).await?,
+            other => {
+                return Err(Error::FailedPrecondition(format!(
+                    "cannot start container {}: it is {other:?}",
+                    c.id
+                )));
+            }
+        }
+        c.init.status = Status::Running;
+        if let Some(w) = c.workload.as_mut() {
+            w.consume_pending();
+        }
+        tracing::info!(container_id = %c.id, pid = c.init.pid, "container started");
+        // The container's lock is still held: an exit that raced this start is reported
+        // only after the start event.
+        self.events.send(
+            TASK_START_EVENT_TOPIC,
+            TaskStart {
+                container_id: c.id.clone(),
+                pid: c.init.pid as u32,
+                ..Default::default()
+            },
+        );
+        Ok(c.init.pid as u32)
+    }
+
+    async fn restore_init(self: &Arc<Self>, c: &mut Container) -> Result<()> {
+        let images = c
+            .restore_from
+            .clone()
+            .ok_or_else(|| Error::Other(format!("container {} has no checkpoint", c.id)))?;
+        let (child, pending) = PendingIo::prepare(&c.init.paths)?;
+        let opts = crate::runc::RestoreOpts {
+            work_path: c.bundle.join("criu-work"),
+            image_path: images,
+            tcp_established: true,
+            file_locks: true,
+            ..Default::default()
+        };
+        let pid = match c.runtime.restore(&c.id, &c.bundle, &opts, child).await {
+            Ok(pid) => pid,
+            Err(e) => {
+                pending.abandon().await;
+                let _ = c.runtime.delete(&c.id, true).await;
+                return Err(e);
+            }
+        };
+        c.init.pid = pid;
+        c.init.io = Some(pending.attach().await?);
+        if let Some(code) = self
+            .pids
+            .lock()
+            .expect("pid index poisoned")
+            .register(pid, &c.id, "")
+        {
+            self.finish_later(&c.id, "", code);
+        }
+        Ok(())
+    }
+
+    async fn start_exec(self: &Arc<Self>, c: &mut Container, exec_id: &str) -> Result<u32> {
+        if !matches!(c.init.status, Status::Running | Status::Paused) {
+            return Err(Error::FailedPrecondition(format!(
+                "cannot start exec {exec_id}: container {} is not running",
+                c.id
+            )));
+        }
+        let (id, bundle, runtime) = (c.id.clone(), c.bundle.clone(), c.runtime.clone());
+        let p = c.process_mut(exec_id)?;
+        if p.status != Status::Created {
+            return Err(Error::FailedPrecondition(format!(
+                "exec {exec_id} in container {id} was already started"
+            )));
+        }
+        let (child, pending) = PendingIo::prepare(&p.paths)?;
+        let pid = match runtime.exec(&id, &bundle, exec_id, &p.spec, child).await {
+            Ok(pid) => pid,
+            Err(e) => {
+                pending.abandon().await;
+                return Err(e);
+            }
+        };
+        p.pid = pid;
+        p.io = Some(pending.attach().await?);
+        p.status = Status::Running;
+        let raced = self
+            .pids
+            .lock()
+            .expect("pid index poisoned")
+            .register(pid, &id, exec_id);
+        self.events.send(
+            TASK_EXEC_STARTED_EVENT_TOPIC,
+            TaskExecStarted {
+                container_id: id.clone(),
+                exec_id: exec_id.to_string(),
+                pid: pid as u32,
+                ..Default::default()
+            },
+        );
+        if let Some(code) = raced {
+            self.finish_later(&id, exec_id, code);
+        }
+        Ok(pid as u32)
+    }
+
+    /// Reports an exit that arrived before its process was registered; it runs once the caller
+    /// releases the container's lock, so it follows the start event.
+    fn finish_later(self: &Arc<Self>, container: &str, exec_id: &str, code: u32) {
+        let (service, container, exec_id) =
+            (self.clone(), container.to_string(), exec_id.to_string());
+        tokio::spawn(async move { service.finish(&container, &exec_id, Exit::now(code)).await });
+    }
+
+    /// `Exec`: registers an exec process; it runs at its `Start`.
+    pub async fn exec(&self, req: &ExecProcessRequest) -> Result<()> {
+        validate_id(&req.exec_id)?;
+        let c = self.container(&req.id)?;
+        let mut c = c.lock().await;
+        if c.execs.contains_key(&req.exec_id) {
+            return Err(Error::AlreadyExists(format!(
+                "exec {} already exists in container {}",
+                req.exec_id, req.id
+            )));
+        }
+        c.init.ensure_alive("exec in")?;
+        let spec = req
+            .spec
+            .as_ref()
+            .map(|a| a.value.clone())
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!("exec {} has no process spec", req.exec_id))
+            })?;
+        serde_json::from_slice::<oci_spec::runtime::Process>(&spec).map_err(|e| {
+            Error::InvalidArgument(format!(
+                "exec {}: the process spec is not an OCI process: {e}",
+                req.exec_id
+            ))
+        })?;
+        let paths = Paths::new(&req.stdin, &req.stdout, &req.stderr, req.terminal);
+        let mut p = Process::new(&req.exec_id, paths, Status::Created);
+        p.spec = spec;
+        c.execs.insert(req.exec_id.clone(), p);
+        self.events.send(
+            TASK_EXEC_ADDED_EVENT_TOPIC,
+            TaskExecAdded {
+                container_id: req.id.clone(),
+                exec_id: req.exec_id.clone(),
+                ..Default::default()
+            },
+        );
+        Ok(())
+    }
+}
