@@ -106,6 +106,8 @@ ds = find("install/daemonset.yaml", "DaemonSet")
 pod = ds["spec"]["template"]["spec"]
 agent = next(c for c in pod["containers"] if c["name"] == "agent")
 args = agent["args"]
+check(args[:3] == ["serve", "--role", "node"],
+      "install/daemonset.yaml: the agent must run `mig-server serve --role node`")
 check(flag(args, "--state-dir") == state_dir, f"install/daemonset.yaml: agent --state-dir {flag(args, '--state-dir')} != the shim's StateDir {state_dir}")
 state_mount = next((m for m in agent["volumeMounts"] if m["mountPath"] == state_dir), None)
 check(state_mount is not None and volume(pod, state_mount["name"]).get("hostPath", {}).get("path") == state_dir,
@@ -125,7 +127,8 @@ install_volume = volume(pod, "install").get("configMap", {}).get("name")
 # --- the controller -----------------------------------------------------------------------------
 deploy = find("server/deployment.yaml", "Deployment")
 controller = deploy["spec"]["template"]["spec"]["containers"][0]
-check(controller["args"][0] == "controller", "server/deployment.yaml: first argument must be `controller`")
+check(controller["args"][:3] == ["serve", "--role", "controller"],
+      "server/deployment.yaml: the controller must run `mig-server serve --role controller`")
 controller_port = port_of(flag(controller["args"], "--listen"))
 check(mount_path(controller, "token") == str(Path(flag(controller["args"], "--token-file") or "").parent),
       "server/deployment.yaml: --token-file is not in the token volume")
