@@ -13,6 +13,17 @@ use crate::manifest::{
     VOLUMES_DIR,
 };
 use crate::name::SafeName;
+use crate::stamp::{STAMP_FILE, Stamp};
+
+/// How [`Checkpoint::verify_for_restore`] established that the content is intact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verified {
+    /// The `verified.json` stamp is valid: the content was hashed when the checkpoint was
+    /// installed in this boot and no file's metadata changed since. Nothing was hashed now.
+    ByStamp,
+    /// Every file was hashed now and matched the manifest.
+    Hashed,
+}
 
 /// A checkpoint directory whose manifest has been read and validated.
 ///
@@ -119,6 +130,12 @@ impl Checkpoint {
     /// Cheap checks run first, so a truncated or incomplete checkpoint fails before gigabytes
     /// of memory images are hashed.
     pub fn verify(&self) -> Result<()> {
+        self.check_listing()?;
+        self.hash_all()
+    }
+
+    /// Every file listed and present with its size, nothing else.
+    pub(crate) fn check_listing(&self) -> Result<()> {
         let listed: HashSet<&str> = self.files().iter().map(|f| f.path.as_str()).collect();
         for (path, _) in payload_files(&self.dir)? {
             if !listed.contains(path.as_str()) {
@@ -132,15 +149,43 @@ impl Checkpoint {
         for file in self.files() {
             file.check_size(&self.dir)?;
         }
+        Ok(())
+    }
+
+    fn hash_all(&self) -> Result<()> {
         crate::manifest::parallel_map(self.files(), |file| file.verify(&self.dir))
             .into_iter()
             .collect()
     }
 
-    /// What a restore must call first: [`Checkpoint::check_engine`], then [`Checkpoint::verify`].
-    pub fn verify_for_restore(&self, engine: &EngineInfo) -> Result<()> {
+    /// What a restore must call first: [`Checkpoint::check_engine`], then the checks of
+    /// [`Checkpoint::verify`].
+    ///
+    /// The cheap checks (nothing unlisted, no symlink or device, every listed file present
+    /// with its size) always run. The content is then taken as verified without hashing if the
+    /// checkpoint carries a valid `verified.json` stamp (written by the writer after every
+    /// byte was hashed, in this boot, for exactly these files with their current inode, size,
+    /// mtime and ctime: see the `stamp` module for what that does and does not detect);
+    /// otherwise every file is hashed as [`Checkpoint::verify`] does.
+    pub fn verify_for_restore(&self, engine: &EngineInfo) -> Result<Verified> {
         self.check_engine(engine)?;
-        self.verify()
+        self.check_listing()?;
+        match self.stamp_status() {
+            Ok(()) => {
+                tracing::debug!(dir = %self.dir.display(), "checkpoint content verified at install (stamp valid)");
+                Ok(Verified::ByStamp)
+            }
+            Err(reason) => {
+                tracing::info!(dir = %self.dir.display(), %reason, "hashing the whole checkpoint");
+                self.hash_all().map(|()| Verified::Hashed)
+            }
+        }
+    }
+
+    /// Whether the checkpoint's `verified.json` stamp is valid for its current files (see
+    /// [`Checkpoint::verify_for_restore`]); `Err` says why not. Only metadata is read.
+    pub fn stamp_status(&self) -> std::result::Result<(), String> {
+        Stamp::check(&self.dir, self.files())
     }
 
     /// Whether `dir` is still the directory this checkpoint was opened from.
@@ -158,11 +203,11 @@ impl Checkpoint {
 ///
 /// Anything that may not be in a checkpoint is an error: an unknown top-level entry, or a
 /// symlink, device, fifo or socket anywhere (a symlink could make a restore read or a
-/// receiver write outside the checkpoint). `manifest.json` is skipped; the caller handles it.
+/// receiver write outside the checkpoint). `manifest.json` and the `verified.json` stamp are skipped; the caller handles them.
 pub(crate) fn payload_files(dir: &Path) -> Result<Vec<(String, Metadata)>> {
     let mut files = Vec::new();
     for (name, meta) in read_dir_sorted(dir, dir, "")? {
-        if name == MANIFEST_FILE {
+        if name == MANIFEST_FILE || (name == STAMP_FILE && meta.is_file()) {
             continue;
         }
         if meta.is_dir() && PAYLOAD_DIRS.contains(&name.as_str()) {

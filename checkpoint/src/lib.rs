@@ -6,6 +6,9 @@
 //!
 //! ```text
 //! <store root>/<key>/            mode 0700, root-owned
+//!   verified.json                optional: the writer's stamp that the content was hashed at
+//!                                install (boot id, manifest digest, each file's inode, size,
+//!                                mtime, ctime), so a restore in the same boot skips hashing
 //!   manifest.json                format version, engine + version, workload identity,
 //!                                image, creation time (unix seconds), and every file below
 //!                                with size and sha256
@@ -52,12 +55,13 @@ mod error;
 mod identity;
 mod manifest;
 mod name;
+mod stamp;
 mod store;
 mod sys;
 mod writer;
 
 pub use archive::{pack_tree, unpack_tree, unpack_tree as unpack_upper};
-pub use checkpoint::Checkpoint;
+pub use checkpoint::{Checkpoint, Verified};
 pub use error::{Corruption, Error, Result};
 pub use identity::{WorkloadIdentity, annotations, workload_from_pod_name};
 pub use manifest::{

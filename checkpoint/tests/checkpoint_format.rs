@@ -8,7 +8,8 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use mig_checkpoint::{
-    Checkpoint, Corruption, EngineInfo, Error, SafeName, Store, WorkloadIdentity, sha256_file,
+    Checkpoint, Corruption, EngineInfo, Error, SafeName, Store, Verified, WorkloadIdentity,
+    sha256_file,
 };
 use tempfile::TempDir;
 
@@ -158,7 +159,10 @@ fn written_checkpoint_is_private() {
             assert_eq!((meta.uid(), meta.gid()), (0, 0), "{}", path.display());
         }
     }
-    assert_eq!(seen, 5, "four payload files and the manifest");
+    assert_eq!(
+        seen, 6,
+        "four payload files, the manifest and the verified stamp"
+    );
     let root_mode = fs::metadata(f.store.root()).unwrap().mode() & 0o777;
     assert_eq!(root_mode, 0o700);
 }
@@ -485,4 +489,171 @@ fn stale_leftovers_are_removed() {
     );
     assert_eq!(f.store.remove_stale(std::time::Duration::ZERO).unwrap(), 1);
     assert!(!tmp.exists());
+}
+
+/// Overwrites one byte of `path` in place, keeping its size, then puts its mtime back.
+fn flip_byte_keeping_size_and_mtime(path: &Path, at: u64) {
+    let before = fs::metadata(path).unwrap().modified().unwrap();
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut byte = [0u8];
+    file.seek(SeekFrom::Start(at)).unwrap();
+    std::io::Read::read_exact(&mut file, &mut byte).unwrap();
+    file.seek(SeekFrom::Start(at)).unwrap();
+    file.write_all(&[byte[0] ^ 0x01]).unwrap();
+    file.set_modified(before).unwrap();
+}
+
+#[test]
+fn valid_stamp_skips_hashing_and_changed_metadata_forces_it() {
+    let f = fixture();
+    let checkpoint = write_checkpoint(&f, "img");
+    assert_eq!(checkpoint.stamp_status(), Ok(()));
+    // Stamp valid: nothing is hashed.
+    assert_eq!(
+        checkpoint.verify_for_restore(&f.engine).unwrap(),
+        Verified::ByStamp
+    );
+    // A full verify of the same checkpoint agrees.
+    checkpoint.verify().unwrap();
+
+    let path = checkpoint.dir().join("images/pages-1.img");
+    flip_byte_keeping_size_and_mtime(&path, 1234);
+    // The write moved ctime, which only a clock change could set back: the stamp no longer
+    // matches, and
+    // the full verification finds the flipped byte even though size and mtime are as before.
+    let reason = checkpoint.stamp_status().unwrap_err();
+    assert!(reason.contains("images/pages-1.img changed"), "{reason}");
+    let err = checkpoint.verify_for_restore(&f.engine).unwrap_err();
+    let (file, problem) = corruption(err);
+    assert_eq!(file, "images/pages-1.img");
+    assert!(
+        matches!(problem, Corruption::Sha256Mismatch { .. }),
+        "{problem}"
+    );
+}
+
+#[test]
+fn stamp_is_not_trusted_after_manifest_or_file_replacement() {
+    let f = fixture();
+    let checkpoint = write_checkpoint(&f, "img");
+    // Replacing a file by an identical copy (new inode) voids the stamp; the hash passes.
+    let path = checkpoint.dir().join("images/inventory.img");
+    let copy = checkpoint.dir().join("images/inventory.copy");
+    fs::copy(&path, &copy).unwrap();
+    fs::rename(&copy, &path).unwrap();
+    assert!(checkpoint.stamp_status().is_err());
+    assert_eq!(
+        checkpoint.verify_for_restore(&f.engine).unwrap(),
+        Verified::Hashed
+    );
+
+    // A stamp that is not private is ignored.
+    let f = fixture();
+    let checkpoint = write_checkpoint(&f, "img");
+    let stamp = checkpoint.dir().join("verified.json");
+    fs::set_permissions(&stamp, fs::Permissions::from_mode(0o644)).unwrap();
+    assert!(checkpoint.stamp_status().is_err());
+    checkpoint.verify_for_restore(&f.engine).unwrap();
+
+    // A stamp from another boot (data not fsynced on a destination may have been lost in a
+    // crash while the metadata survived) is not trusted.
+    let f = fixture();
+    let checkpoint = write_checkpoint(&f, "img");
+    let mut value: serde_json::Value =
+        serde_json::from_slice(&fs::read(stamp_path(&checkpoint)).unwrap()).unwrap();
+    value["boot_id"] = serde_json::Value::String("00000000-0000-0000-0000-000000000000".into());
+    fs::write(stamp_path(&checkpoint), serde_json::to_vec(&value).unwrap()).unwrap();
+    let reason = checkpoint.stamp_status().unwrap_err();
+    assert!(reason.contains("another boot"), "{reason}");
+    assert_eq!(
+        checkpoint.verify_for_restore(&f.engine).unwrap(),
+        Verified::Hashed
+    );
+
+    // An edited manifest voids the stamp (and is then caught by the hash).
+    let f = fixture();
+    let checkpoint = write_checkpoint(&f, "img");
+    edit_manifest(checkpoint.dir(), |m| {
+        m["files"][0]["sha256"] = serde_json::Value::String("0".repeat(64));
+    });
+    let reopened = Checkpoint::open(checkpoint.dir()).unwrap();
+    assert!(reopened.stamp_status().is_err());
+    let (file, _) = corruption(reopened.verify_for_restore(&f.engine).unwrap_err());
+    assert_eq!(file, "images/inventory.img");
+}
+
+#[test]
+fn received_checkpoint_hashed_in_stream_is_checked_and_stamped() {
+    let f = fixture();
+    let sent = write_checkpoint(&f, "img");
+    let destination = Store::open(f.tmp.path().join("node-b")).unwrap();
+    let copy = |writer: &mig_checkpoint::CheckpointWriter| {
+        copy_tree(sent.dir(), writer.dir());
+        // The sender never sends its stamp.
+        fs::remove_file(writer.dir().join("verified.json")).unwrap();
+    };
+
+    let writer = destination.begin(&f.identity).unwrap();
+    copy(&writer);
+    let received = writer.commit_received_hashed(sent.files()).unwrap();
+    assert_eq!(received.stamp_status(), Ok(()));
+    assert_eq!(
+        received.verify_for_restore(&f.engine).unwrap(),
+        Verified::ByStamp
+    );
+    received.verify().unwrap();
+
+    // Digests that do not match the manifest are refused, naming the file.
+    destination.remove(&f.identity).unwrap();
+    let writer = destination.begin(&f.identity).unwrap();
+    copy(&writer);
+    let mut hashed = sent.files().to_vec();
+    hashed[1].sha256 = "0".repeat(64);
+    let (file, problem) = corruption(writer.commit_received_hashed(&hashed).unwrap_err());
+    assert_eq!(file, "images/pages-1.img");
+    assert!(
+        matches!(problem, Corruption::Sha256Mismatch { .. }),
+        "{problem}"
+    );
+
+    // A file missing from the digests, an extra file on disk, a truncated file: refused.
+    let writer = destination.begin(&f.identity).unwrap();
+    copy(&writer);
+    let (file, _) = corruption(
+        writer
+            .commit_received_hashed(&sent.files()[..3])
+            .unwrap_err(),
+    );
+    assert_eq!(file, "volumes/data.tar");
+    let writer = destination.begin(&f.identity).unwrap();
+    copy(&writer);
+    fs::write(writer.dir().join("images/extra.img"), b"x").unwrap();
+    let (file, problem) = corruption(writer.commit_received_hashed(sent.files()).unwrap_err());
+    assert_eq!(
+        (file.as_str(), problem),
+        ("images/extra.img", Corruption::Unlisted)
+    );
+    let writer = destination.begin(&f.identity).unwrap();
+    copy(&writer);
+    OpenOptions::new()
+        .write(true)
+        .open(writer.dir().join("images/pages-1.img"))
+        .unwrap()
+        .set_len(10)
+        .unwrap();
+    let (file, problem) = corruption(writer.commit_received_hashed(sent.files()).unwrap_err());
+    assert_eq!(file, "images/pages-1.img");
+    assert!(
+        matches!(problem, Corruption::SizeMismatch { .. }),
+        "{problem}"
+    );
+    assert!(destination.pending(&f.identity).unwrap().is_none());
+}
+
+fn stamp_path(checkpoint: &Checkpoint) -> PathBuf {
+    checkpoint.dir().join("verified.json")
 }

@@ -24,6 +24,7 @@ impl From<ControllerError> for ApiError {
             ControllerError::NotFound(m) => ApiError::new(StatusCode::NOT_FOUND, m),
             ControllerError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, m),
             ControllerError::Node(e) => ApiError::new(StatusCode::BAD_GATEWAY, e.to_string()),
+            ControllerError::Kube(e) => ApiError::new(StatusCode::BAD_GATEWAY, e.to_string()),
         }
     }
 }

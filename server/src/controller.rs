@@ -14,6 +14,8 @@ use mig_checkpoint::SafeName;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
+use crate::kube::KubeApi;
+use crate::kube::migrate::KubeSettings;
 use crate::migration::{Migration, Phase, Target};
 use crate::node_client::{NodeApi, NodeCallError};
 use crate::protocol::{ContainersRequest, ResolveRequest, SendRequest};
@@ -57,6 +59,9 @@ pub enum ControllerError {
     /// A node agent failed while checking the request (502).
     #[error(transparent)]
     Node(#[from] NodeCallError),
+    /// The Kubernetes API failed while checking the request (502).
+    #[error(transparent)]
+    Kube(#[from] crate::kube::KubeError),
 }
 
 fn bad(message: impl Into<String>, expected: impl Into<String>) -> ControllerError {
@@ -79,16 +84,18 @@ pub struct ControllerConfig {
 
 /// The controller.
 pub struct Controller {
-    config: ControllerConfig,
-    nodes_api: Arc<dyn NodeApi>,
+    pub(crate) config: ControllerConfig,
+    pub(crate) nodes_api: Arc<dyn NodeApi>,
     registry: Mutex<Registry>,
-    migrations: Mutex<BTreeMap<String, Migration>>,
+    pub(crate) migrations: Mutex<BTreeMap<String, Migration>>,
     /// (namespace, target) -> migration id, for the 409 on a second migration of a workload.
-    active: Mutex<HashMap<(String, Target), String>>,
+    pub(crate) active: Mutex<HashMap<(String, Target), String>>,
     counter: AtomicU64,
+    /// Kubernetes mode: deployments are resolved and moved through the API server.
+    kube: Option<KubeSettings>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock leaves plain data behind; keep serving it.
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
@@ -109,7 +116,15 @@ impl Controller {
             migrations: Mutex::default(),
             active: Mutex::default(),
             counter: AtomicU64::new(0),
+            kube: None,
         }
+    }
+
+    /// Kubernetes mode: `deployment` migrations go through `api` (see [`crate::kube`]),
+    /// polling it every `poll`.
+    pub fn with_kube(mut self, api: Arc<dyn KubeApi>, poll: Duration) -> Self {
+        self.kube = Some(KubeSettings { api, poll });
+        self
     }
 
     /// Registers a node agent; returns whether it is new.
@@ -159,7 +174,7 @@ impl Controller {
         all
     }
 
-    fn node(&self, name: &str, role: &str) -> Result<NodeInfo, ControllerError> {
+    pub(crate) fn node(&self, name: &str, role: &str) -> Result<NodeInfo, ControllerError> {
         let registry = lock(&self.registry);
         registry.node(name).cloned().ok_or_else(|| {
             let known: Vec<String> = registry.nodes().into_iter().map(|n| n.name).collect();
@@ -170,7 +185,10 @@ impl Controller {
         })
     }
 
-    fn validate(&self, req: &MigrateRequest) -> Result<(String, Target), ControllerError> {
+    pub(crate) fn validate(
+        &self,
+        req: &MigrateRequest,
+    ) -> Result<(String, Target), ControllerError> {
         const EXPECTED: &str = r#"{"deployment":"<name>","originNode":"<node>","destNode":"<other node>"} (or "pod" / "container" instead of "deployment"; optional "namespace")"#;
         let name_ok = |what: &str, name: &str| {
             SafeName::new(name)
@@ -212,6 +230,9 @@ impl Controller {
         self: &Arc<Self>,
         req: MigrateRequest,
     ) -> Result<Migration, ControllerError> {
+        if let (Some(kube), Some(_)) = (&self.kube, &req.deployment) {
+            return self.start_kube(kube.clone(), req).await;
+        }
         let (namespace, target) = self.validate(&req)?;
         let origin = self.node(&req.origin_node, "origin")?;
         let dest = self.node(&req.dest_node, "destination")?;
@@ -268,7 +289,7 @@ impl Controller {
         Ok(record)
     }
 
-    fn new_id(&self) -> String {
+    pub(crate) fn new_id(&self) -> String {
         let ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis())
@@ -277,13 +298,13 @@ impl Controller {
         format!("mig-{ms}-{n}")
     }
 
-    fn update(&self, id: &str, f: impl FnOnce(&mut Migration)) {
+    pub(crate) fn update(&self, id: &str, f: impl FnOnce(&mut Migration)) {
         if let Some(m) = lock(&self.migrations).get_mut(id) {
             f(m);
         }
     }
 
-    fn advance(&self, id: &str, phase: Phase) {
+    pub(crate) fn advance(&self, id: &str, phase: Phase) {
         self.update(id, |m| {
             if let Err(e) = m.advance(phase) {
                 warn!(migration = %id, error = %e, "state machine refused a transition");

@@ -27,6 +27,7 @@ pub mod auth;
 pub mod containerd;
 pub mod controller;
 pub mod http;
+pub mod kube;
 pub mod metrics;
 pub mod migration;
 pub mod node_client;
@@ -56,6 +57,7 @@ pub fn app(
         );
     }
     if let Some(agent) = agent {
+        router = router.merge(kube::agent::router(agent.clone()));
         router = router.merge(agent_routes::router(agent));
     }
     router

@@ -15,6 +15,7 @@ use mig_server::agent_routes::AgentState;
 use mig_server::auth::Token;
 use mig_server::containerd::Ctr;
 use mig_server::controller::{Controller, ControllerConfig};
+use mig_server::kube::client::{HttpKube, KubeConfig};
 use mig_server::node_client::HttpNodes;
 use tracing::{info, warn};
 
@@ -95,6 +96,17 @@ struct ServeArgs {
     /// Scheme for node addresses registered without one.
     #[arg(long, default_value = "http")]
     node_scheme: String,
+    /// Kubernetes mode (controller): migrate Deployments through the API server, with the
+    /// pod's service account (`--kube`) or a kubeconfig (`--kubeconfig PATH`).
+    #[arg(long, env = "MIG_KUBE")]
+    kube: bool,
+    /// Kubeconfig for Kubernetes mode (implies --kube); single context, e.g. from
+    /// `kubectl config view --minify --flatten --raw`.
+    #[arg(long, env = "MIG_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Milliseconds between pod listings while a Kubernetes migration waits.
+    #[arg(long, default_value_t = 1000)]
+    kube_poll_ms: u64,
 }
 
 fn main() -> Result<()> {
@@ -152,8 +164,19 @@ async fn serve(args: ServeArgs, token: Token) -> Result<()> {
     } else {
         None
     };
+    let kube = if args.role == Role::Node || !(args.kube || args.kubeconfig.is_some()) {
+        None
+    } else {
+        let config = match &args.kubeconfig {
+            Some(path) => KubeConfig::from_kubeconfig(path),
+            None => KubeConfig::in_cluster(),
+        }
+        .context("loading Kubernetes credentials")?;
+        info!(server = %config.server, "kubernetes mode");
+        Some(HttpKube::new(&config).context("building the Kubernetes client")?)
+    };
     let controller = if args.role != Role::Node {
-        let controller = Arc::new(Controller::new(
+        let mut controller = Controller::new(
             ControllerConfig {
                 default_namespace: args.namespace.clone(),
                 default_scheme: args.node_scheme.clone(),
@@ -164,7 +187,12 @@ async fn serve(args: ServeArgs, token: Token) -> Result<()> {
                 token.clone(),
                 Duration::from_secs(args.migration_timeout_secs),
             )),
-        ));
+        );
+        if let Some(kube) = kube {
+            controller =
+                controller.with_kube(Arc::new(kube), Duration::from_millis(args.kube_poll_ms));
+        }
+        let controller = Arc::new(controller);
         if runs_agent {
             controller
                 .register_node(&args.node_name, &advertise)

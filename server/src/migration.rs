@@ -166,6 +166,9 @@ pub struct Migration {
     pub failure: Option<Failure>,
     /// Problems that did not fail the migration (e.g. origin cleanup after success).
     pub warnings: Vec<String>,
+    /// Kubernetes mode: the Deployment, its old and new pods, the steps taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<crate::kube::KubeReport>,
     #[serde(skip)]
     clock: Clock,
 }
@@ -225,6 +228,7 @@ impl Migration {
             duration_ms: None,
             failure: None,
             warnings: Vec::new(),
+            kubernetes: None,
             clock: Clock::default(),
         }
     }

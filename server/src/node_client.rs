@@ -8,6 +8,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::auth::Token;
+use crate::kube::{KubeSendRequest, WorkloadStatus, WorkloadsRequest};
 use crate::protocol::{
     ActionReport, CheckpointSummary, ContainersRequest, ErrorBody, ResolveRequest, SendRequest,
     TransferSummary,
@@ -74,6 +75,33 @@ pub trait NodeApi: Send + Sync {
         node: &NodeInfo,
         req: &ContainersRequest,
     ) -> Result<ActionReport, NodeCallError>;
+    /// Kubernetes mode: mark, unmark, discard or report workloads' checkpoints.
+    async fn kube_workloads(
+        &self,
+        node: &NodeInfo,
+        req: &WorkloadsRequest,
+    ) -> Result<Vec<WorkloadStatus>, NodeCallError> {
+        let _ = req;
+        Err(unsupported(node, "kube/workloads"))
+    }
+    /// Kubernetes mode: stream workloads' checkpoints from `node` to `req.destination`.
+    async fn kube_send(
+        &self,
+        node: &NodeInfo,
+        req: &KubeSendRequest,
+    ) -> Result<TransferSummary, NodeCallError> {
+        let _ = req;
+        Err(unsupported(node, "kube/send"))
+    }
+}
+
+fn unsupported(node: &NodeInfo, op: &str) -> NodeCallError {
+    NodeCallError {
+        node: node.name.clone(),
+        op: op.to_string(),
+        status: None,
+        message: "not supported by this client".into(),
+    }
 }
 
 /// [`NodeApi`] over HTTP with the cluster token.
@@ -197,5 +225,19 @@ impl NodeApi for HttpNodes {
         req: &ContainersRequest,
     ) -> Result<ActionReport, NodeCallError> {
         self.post(node, "finish", req, false).await
+    }
+    async fn kube_workloads(
+        &self,
+        node: &NodeInfo,
+        req: &WorkloadsRequest,
+    ) -> Result<Vec<WorkloadStatus>, NodeCallError> {
+        self.post(node, "kube/workloads", req, false).await
+    }
+    async fn kube_send(
+        &self,
+        node: &NodeInfo,
+        req: &KubeSendRequest,
+    ) -> Result<TransferSummary, NodeCallError> {
+        self.post(node, "kube/send", req, true).await
     }
 }

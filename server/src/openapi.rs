@@ -41,7 +41,13 @@ pub fn document() -> Value {
                     "failure": {"type": ["object", "null"], "properties": {
                         "phase": {"type": "string"}, "reason": {"type": "string"},
                         "recovery": {"type": "array", "items": {"type": "string"}}}},
-                    "warnings": {"type": "array", "items": {"type": "string"}}}},
+                    "warnings": {"type": "array", "items": {"type": "string"}},
+                    "kubernetes": {"type": "object", "description": "Kubernetes mode only", "properties": {
+                        "deployment": {"type": "string"}, "replicas": {"type": "integer"},
+                        "oldPods": {"type": "array", "items": {"type": "string"}},
+                        "newPods": {"type": "array", "items": {"type": "string"}},
+                        "stateRestored": {"type": "boolean"},
+                        "steps": {"type": "array", "items": {"type": "string"}}}}}},
                 "Node": {"type": "object", "properties": {
                     "name": {"type": "string"}, "address": {"type": "string"}, "registered_unix": {"type": "integer"}}}
             }

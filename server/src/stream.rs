@@ -18,17 +18,22 @@
 //!
 //! Paths never travel on their own: the receiver takes them from the manifest, which
 //! [`Manifest::parse`] has already checked to stay inside the checkpoint directory. The sender
-//! reads straight from the checkpoint directory (no second copy on the origin) and hashes what
-//! it sends; the receiver hashes what it writes and compares each file with its manifest entry
-//! as soon as the file is complete, so a corrupted stream is refused at the first bad file and
-//! the store's temporary directory is dropped with the writer.
+//! reads straight from the checkpoint directory (no second copy on the origin); it hashes what
+//! it sends only when the checkpoint's `verified.json` stamp (written by the shim's commit after
+//! hashing) does not vouch for the files, since the receiver checks every byte anyway. The
+//! receiver hashes what it writes (a second thread hashes and writes while this one
+//! decompresses) and compares each file with its manifest entry as soon as the file is
+//! complete, so a corrupted stream is refused at the first bad file and the store's temporary
+//! directory is dropped with the writer. The files are then installed without hashing them
+//! again ([`mig_checkpoint::CheckpointWriter::commit_received_hashed`]) and with a stamp, so
+//! the restore does not hash them either.
 
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use mig_checkpoint::{Checkpoint, MANIFEST_FILE, Manifest, Store};
+use mig_checkpoint::{Checkpoint, FileEntry, MANIFEST_FILE, Manifest, Store};
 use sha2::{Digest, Sha256};
 
 use crate::containerd::ContainerInfo;
@@ -39,6 +44,10 @@ const TRAILER: &[u8; 4] = b"END1";
 const MAX_INFO_LEN: u32 = 4 << 20;
 /// Manifests list a few files each; this bound only stops a hostile length from allocating.
 const MAX_MANIFEST_LEN: u32 = 64 << 20;
+/// Read and write size for file data: few syscalls, and big blocks for zstd.
+const COPY_BUF: usize = 1 << 20;
+/// Buffers in flight between the receiver's decompressing and writing threads.
+const PIPELINE_DEPTH: usize = 4;
 
 /// What went wrong while sending or receiving a checkpoint stream.
 #[derive(Debug, thiserror::Error)]
@@ -145,19 +154,36 @@ pub fn send_checkpoint<W: Write>(
     send(&mut z, &len_prefix(manifest_bytes.len())?)?;
     send(&mut z, &manifest_bytes)?;
     send(&mut z, &header_digest(&info_bytes, &manifest_bytes))?;
+    // The receiver hashes every byte against the manifest, so hashing here again only moves
+    // the error for a file changed since the checkpoint to the origin. The writer's stamp
+    // says (from metadata alone) that the files are still what it hashed; without a valid
+    // one the sender hashes what it reads, as before.
+    let trusted = match checkpoint.stamp_status() {
+        Ok(()) => true,
+        Err(reason) => {
+            tracing::info!(dir = %dir.display(), %reason, "hashing the checkpoint while sending");
+            false
+        }
+    };
+    let mut buf = vec![0u8; COPY_BUF];
     let mut raw = manifest_bytes.len() as u64;
     for entry in checkpoint.files() {
         let path = dir.join(&entry.path);
         let file = File::open(&path).map_err(io_err(format!("open {}", path.display())))?;
-        let mut hashing = HashingWriter::new(&mut z);
-        let n = io::copy(&mut file.take(entry.size.saturating_add(1)), &mut hashing)
-            .map_err(io_err(format!("send {}", path.display())))?;
-        let found = hashing.finish();
-        if n != entry.size || found != entry.sha256 {
+        let mut hasher = (!trusted).then(Sha256::new);
+        let n = copy_hashing(
+            &mut file.take(entry.size.saturating_add(1)),
+            &mut z,
+            hasher.as_mut(),
+            &mut buf,
+        )
+        .map_err(io_err(format!("send {}", path.display())))?;
+        let found = hasher.map(|h| hex(&h.finalize()));
+        if n != entry.size || found.as_ref().is_some_and(|f| f != &entry.sha256) {
             return Err(StreamError::ChecksumMismatch {
                 path: entry.path.clone(),
                 expected: entry.sha256.clone(),
-                found,
+                found: found.unwrap_or_else(|| "(not hashed: size differs)".into()),
                 expected_size: entry.size,
                 found_size: n,
             });
@@ -246,38 +272,8 @@ pub fn receive_checkpoint<R: Read>(
     let writer = store.begin(&manifest.identity)?;
     let dir = writer.dir().to_path_buf();
     write_new(&dir.join(MANIFEST_FILE), &manifest_bytes)?;
-    let mut raw = manifest_bytes.len() as u64;
-    for entry in &manifest.files {
-        let path = dir.join(&entry.path);
-        if let Some(parent) = path.parent() {
-            DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(parent)
-                .map_err(io_err(format!("create {}", parent.display())))?;
-        }
-        let file = new_file(&path)?;
-        let mut hashing = HashingWriter::new(file);
-        let n = io::copy(&mut (&mut z).take(entry.size), &mut hashing)
-            .map_err(io_err(format!("receive {}", entry.path)))?;
-        if n != entry.size {
-            return Err(StreamError::Malformed(format!(
-                "stream ended inside {} after {n} of {} bytes",
-                entry.path, entry.size
-            )));
-        }
-        let found = hashing.finish();
-        if found != entry.sha256 {
-            return Err(StreamError::ChecksumMismatch {
-                path: entry.path.clone(),
-                expected: entry.sha256.clone(),
-                found,
-                expected_size: entry.size,
-                found_size: n,
-            });
-        }
-        raw += n;
-    }
+    let hashed = receive_files(&mut z, &dir, &manifest.files)?;
+    let raw = manifest_bytes.len() as u64 + hashed.iter().map(|f| f.size).sum::<u64>();
     let mut trailer = [0u8; 4];
     read_exact(&mut z, &mut trailer, "stream trailer")?;
     if &trailer != TRAILER {
@@ -290,7 +286,8 @@ pub fn receive_checkpoint<R: Read>(
         return Err(StreamError::Malformed("data after the trailer".to_string()));
     }
     drop(z);
-    let checkpoint = writer.commit_received()?;
+    // Every file was hashed above as it was written and matched its manifest entry.
+    let checkpoint = writer.commit_received_hashed(&hashed)?;
     Ok(Received {
         info,
         checkpoint,
@@ -299,6 +296,156 @@ pub fn receive_checkpoint<R: Read>(
             wire_bytes: counting.count,
         },
     })
+}
+
+/// What the decompressing thread hands the thread that hashes and writes files.
+enum Job {
+    /// The next file to fill.
+    File(File),
+    /// The next `.1` bytes of the current file, in the buffer `.0`.
+    Data(Vec<u8>, usize),
+    /// The current file is complete: reply with the sha256 of its bytes.
+    End,
+}
+
+/// Receives the files listed in `entries` from `z` into `dir`, each compared with its
+/// manifest entry as soon as it is complete; returns what was written, as entries.
+///
+/// Two threads: this one decompresses (and reads the network), a second one hashes and
+/// writes, with a few 1 MiB buffers going round between them.
+fn receive_files(
+    z: &mut impl Read,
+    dir: &Path,
+    entries: &[FileEntry],
+) -> Result<Vec<FileEntry>, StreamError> {
+    let (job_tx, job_rx) = std::sync::mpsc::sync_channel::<Job>(PIPELINE_DEPTH);
+    let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<io::Result<String>>();
+    for _ in 0..=PIPELINE_DEPTH {
+        let _ = free_tx.send(vec![0u8; COPY_BUF]);
+    }
+    std::thread::scope(|scope| {
+        scope.spawn(move || write_files(job_rx, free_tx, done_tx));
+        let result = decompress_files(z, dir, entries, &job_tx, &free_rx, &done_rx);
+        drop(job_tx);
+        result
+    })
+}
+
+fn decompress_files(
+    z: &mut impl Read,
+    dir: &Path,
+    entries: &[FileEntry],
+    jobs: &std::sync::mpsc::SyncSender<Job>,
+    free: &std::sync::mpsc::Receiver<Vec<u8>>,
+    done: &std::sync::mpsc::Receiver<io::Result<String>>,
+) -> Result<Vec<FileEntry>, StreamError> {
+    let gone = |()| StreamError::Io {
+        what: "write received files".into(),
+        source: io::Error::other("the writing thread ended early"),
+    };
+    let mut hashed = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let path = dir.join(&entry.path);
+        if let Some(parent) = path.parent() {
+            DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .map_err(io_err(format!("create {}", parent.display())))?;
+        }
+        jobs.send(Job::File(new_file(&path)?))
+            .map_err(|_| gone(()))?;
+        let mut left = entry.size;
+        while left > 0 {
+            let mut buf = free.recv().map_err(|_| gone(()))?;
+            let want = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+            let n = read_full(z, &mut buf[..want])
+                .map_err(io_err(format!("receive {}", entry.path)))?;
+            left -= n as u64;
+            if n < want {
+                return Err(StreamError::Malformed(format!(
+                    "stream ended inside {} after {} of {} bytes",
+                    entry.path,
+                    entry.size - left,
+                    entry.size
+                )));
+            }
+            jobs.send(Job::Data(buf, n)).map_err(|_| gone(()))?;
+        }
+        jobs.send(Job::End).map_err(|_| gone(()))?;
+        let found = done
+            .recv()
+            .map_err(|_| gone(()))?
+            .map_err(io_err(format!("write {}", path.display())))?;
+        if found != entry.sha256 {
+            return Err(StreamError::ChecksumMismatch {
+                path: entry.path.clone(),
+                expected: entry.sha256.clone(),
+                found,
+                expected_size: entry.size,
+                found_size: entry.size,
+            });
+        }
+        hashed.push(FileEntry {
+            path: entry.path.clone(),
+            size: entry.size,
+            sha256: found,
+        });
+    }
+    Ok(hashed)
+}
+
+/// The writing thread of [`receive_files`]: hashes and writes what it is handed, returns the
+/// buffers, and answers each [`Job::End`] with the digest or the first write error.
+fn write_files(
+    jobs: std::sync::mpsc::Receiver<Job>,
+    free: std::sync::mpsc::Sender<Vec<u8>>,
+    done: std::sync::mpsc::Sender<io::Result<String>>,
+) {
+    let mut current: Option<(File, Sha256)> = None;
+    let mut failed: Option<io::Error> = None;
+    for job in jobs {
+        match job {
+            Job::File(file) => {
+                current = Some((file, Sha256::new()));
+                failed = None;
+            }
+            Job::Data(buf, n) => {
+                if let (None, Some((file, hasher))) = (&failed, current.as_mut()) {
+                    hasher.update(&buf[..n]);
+                    if let Err(e) = file.write_all(&buf[..n]) {
+                        failed = Some(e);
+                    }
+                }
+                let _ = free.send(buf);
+            }
+            Job::End => {
+                let result = match (failed.take(), current.take()) {
+                    (Some(e), _) => Err(e),
+                    (None, Some((_, hasher))) => Ok(hex(&hasher.finalize())),
+                    (None, None) => Err(io::Error::other("no file was started")),
+                };
+                if done.send(result).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Reads until `buf` is full or the input ends; returns the number of bytes read.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match r.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
 }
 
 fn read_exact(r: &mut impl Read, buf: &mut [u8], what: &str) -> Result<(), StreamError> {
@@ -343,33 +490,27 @@ fn write_new(path: &PathBuf, bytes: &[u8]) -> Result<(), StreamError> {
         .map_err(io_err(format!("write {}", path.display())))
 }
 
-/// Hashes what goes through it, so each file is read (or written) exactly once.
-struct HashingWriter<W> {
-    inner: W,
-    hasher: Sha256,
-}
-
-impl<W: Write> HashingWriter<W> {
-    fn new(inner: W) -> Self {
-        Self {
-            inner,
-            hasher: Sha256::new(),
+/// Copies `from` to `to` through `buf`, feeding `hasher` with every byte, so each file is
+/// read (or written) exactly once; returns the number of bytes copied.
+fn copy_hashing(
+    from: &mut impl Read,
+    to: &mut impl Write,
+    mut hasher: Option<&mut Sha256>,
+    buf: &mut [u8],
+) -> io::Result<u64> {
+    let mut total = 0u64;
+    loop {
+        let n = match from.read(buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if let Some(h) = hasher.as_deref_mut() {
+            h.update(&buf[..n]);
         }
-    }
-
-    fn finish(self) -> String {
-        hex(&self.hasher.finalize())
-    }
-}
-
-impl<W: Write> Write for HashingWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
+        to.write_all(&buf[..n])?;
+        total += n as u64;
     }
 }
 
@@ -423,6 +564,8 @@ mod tests {
         assert_eq!(got.info.id, "counter");
         assert_eq!(got.stats.wire_bytes, wire.len() as u64);
         got.checkpoint.verify().expect("verify");
+        // Hashed while streaming, so installed with a valid stamp: the restore will not hash.
+        assert_eq!(got.checkpoint.stamp_status(), Ok(()));
         let received =
             std::fs::read(got.checkpoint.images_dir().join("pages-1.img")).expect("read");
         assert_eq!(received, payload);

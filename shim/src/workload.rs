@@ -273,14 +273,14 @@ impl Workload {
             Error::Other(format!("look up a checkpoint for {}: {e}", identity.key()))
         })?;
         if let Some(ckpt) = &pending {
-            ckpt.verify_for_restore(&engine.info()).map_err(|e| {
+            let verified = ckpt.verify_for_restore(&engine.info()).map_err(|e| {
                 Error::FailedPrecondition(format!(
                     "container {id} has a checkpoint waiting ({}) but it cannot be restored: \
                      {e}; remove it to start the workload afresh",
                     ckpt.dir().display()
                 ))
             })?;
-            tracing::info!(container_id = %id, checkpoint = %ckpt.dir().display(), engine = %ckpt.engine(), "restoring from checkpoint");
+            tracing::info!(container_id = %id, checkpoint = %ckpt.dir().display(), engine = %ckpt.engine(), ?verified, "restoring from checkpoint");
         }
         Ok(Self {
             image: notes

@@ -1,0 +1,318 @@
+//! The node agent's Kubernetes routes, `/agent/v1/kube/...`: marks keyed by Kubernetes
+//! identities (`k8s_<ns>_<workload>_<container>`) and the transfer of their checkpoints. The
+//! kubelet, not the agent, stops and creates the containers; the shim checkpoints at the stop
+//! (mark) and restores at the create (pending checkpoint).
+
+use std::collections::BTreeMap;
+use std::fs::{self, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::routing::post;
+use axum::{Json, Router, middleware};
+use futures_util::TryStreamExt;
+use mig_checkpoint::{SafeName, WorkloadIdentity};
+use tokio::sync::mpsc;
+use tokio_util::io::{StreamReader, SyncIoBridge};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use super::{KubeIdentity, KubeSendRequest, WorkloadAction, WorkloadStatus, WorkloadsRequest};
+use crate::agent::{AgentError, NodeAgent, safe};
+use crate::agent_routes::AgentState;
+use crate::auth::{Token, require_token};
+use crate::containerd::{ContainerInfo, WORKLOAD_LABEL};
+use crate::http::{ApiError, parse_json};
+use crate::protocol::{ErrorBody, TransferSummary};
+use crate::stream::{StreamError, receive_checkpoint, send_checkpoint};
+use crate::transfer::error_chain;
+
+const CHUNK: usize = 256 * 1024;
+
+fn identity(k: &KubeIdentity) -> Result<WorkloadIdentity, AgentError> {
+    for (what, v) in [
+        ("namespace", &k.namespace),
+        ("workload", &k.workload),
+        ("container name", &k.container),
+    ] {
+        safe(what, v)?;
+    }
+    Ok(k.identity()?)
+}
+
+impl NodeAgent {
+    fn kube_mark_path(&self, key: &SafeName) -> PathBuf {
+        self.config
+            .state_dir
+            .join("marks")
+            .join(format!("{key}.json"))
+    }
+
+    /// Marks, unmarks, discards or reports Kubernetes workloads' containers.
+    pub fn kube_workloads(
+        &self,
+        req: &WorkloadsRequest,
+    ) -> Result<Vec<WorkloadStatus>, AgentError> {
+        let migration = safe("migration id", &req.migration)?;
+        let mut out = Vec::new();
+        for k in &req.identities {
+            let id = identity(k)?;
+            let mark = self.kube_mark_path(&id.safe_key());
+            match req.action {
+                WorkloadAction::Mark => {
+                    // A checkpoint left from an earlier attempt must not pass for this one.
+                    self.store.remove(&id)?;
+                    let tmp = mark.with_extension("json.tmp");
+                    let body = serde_json::json!({"migration": migration.as_str()}).to_string();
+                    let write = || -> io::Result<()> {
+                        let mut f = OpenOptions::new()
+                            .write(true)
+                            .create(true)
+                            .truncate(true)
+                            .mode(0o600)
+                            .open(&tmp)?;
+                        f.write_all(body.as_bytes())?;
+                        f.sync_all()?;
+                        fs::rename(&tmp, &mark)
+                    };
+                    write().map_err(|source| AgentError::Io {
+                        what: format!("write {}", mark.display()),
+                        source,
+                    })?;
+                    info!(workload = %k, migration = %migration, "marked for checkpoint on stop");
+                }
+                WorkloadAction::Unmark | WorkloadAction::Discard => {
+                    let _ = fs::remove_file(&mark);
+                    if req.action == WorkloadAction::Discard {
+                        self.store.remove(&id)?;
+                    }
+                }
+                WorkloadAction::Status => {}
+            }
+            let pending = self.store.pending(&id)?;
+            out.push(WorkloadStatus {
+                identity: k.clone(),
+                marked: mark.exists(),
+                pending: pending.is_some(),
+                bytes: pending
+                    .map(|c| c.files().iter().map(|f| f.size).sum())
+                    .unwrap_or(0),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Streams each identity's pending checkpoint to the agent at `destination`.
+    pub async fn kube_send(
+        &self,
+        http: &reqwest::Client,
+        token: &Token,
+        req: &KubeSendRequest,
+    ) -> Result<TransferSummary, AgentError> {
+        let migration = safe("migration id", &req.migration)?;
+        let url = format!(
+            "{}/agent/v1/kube/receive/{migration}",
+            req.destination.trim_end_matches('/')
+        );
+        let mut total = TransferSummary::default();
+        for k in &req.identities {
+            let id = identity(k)?;
+            let checkpoint = self.store.pending(&id)?.ok_or_else(|| {
+                AgentError::NotFound(format!(
+                    "no checkpoint of {k} on node {}; did its pod stop with the mark set?",
+                    self.config.name
+                ))
+            })?;
+            // The stream carries a container record; for a pod it only names the workload.
+            let info = ContainerInfo {
+                namespace: k.namespace.clone(),
+                id: k.container.clone(),
+                image: checkpoint.manifest().image.clone(),
+                runtime: self.config.runtime.clone(),
+                labels: BTreeMap::from([(WORKLOAD_LABEL.to_string(), k.workload.clone())]),
+                spec: serde_json::Value::Null,
+            };
+            let dir = self.store.path_for(&id);
+            let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(4);
+            let cancel = CancellationToken::new();
+            let level = self.config.zstd_level;
+            let writer_cancel = cancel.clone();
+            let runtime = tokio::runtime::Handle::current();
+            let encoder = tokio::task::spawn_blocking(move || {
+                let mut out = BlockingWriter {
+                    tx,
+                    buf: Vec::with_capacity(CHUNK),
+                    cancel: writer_cancel,
+                    runtime,
+                };
+                let stats = send_checkpoint(&dir, &info, &mut out, level)?;
+                out.push().map_err(|source| StreamError::Io {
+                    what: "send".into(),
+                    source,
+                })?;
+                Ok::<_, StreamError>(stats)
+            });
+            let body =
+                reqwest::Body::wrap_stream(futures_util::stream::unfold(rx, |mut rx| async {
+                    rx.recv().await.map(|item| (item, rx))
+                }));
+            let response = http
+                .post(&url)
+                .bearer_auth(token.secret())
+                .body(body)
+                .send()
+                .await;
+            if !matches!(&response, Ok(r) if r.status().is_success()) {
+                cancel.cancel();
+            }
+            let encoded = encoder
+                .await
+                .map_err(|e| AgentError::Peer(format!("sender thread failed: {e}")))?;
+            let response = response.map_err(|e| {
+                AgentError::Peer(format!(
+                    "sending the checkpoint of {k} to {url} failed: {}",
+                    error_chain(&e)
+                ))
+            })?;
+            if !response.status().is_success() {
+                let status = response.status();
+                let text = response.text().await.unwrap_or_default();
+                let message = serde_json::from_str::<ErrorBody>(&text)
+                    .map(|b| b.error)
+                    .unwrap_or(text);
+                return Err(AgentError::Peer(format!(
+                    "destination refused the checkpoint of {k} ({status}): {message}"
+                )));
+            }
+            let stats = encoded?;
+            info!(workload = %k, raw = stats.raw_bytes, wire = stats.wire_bytes, "checkpoint sent");
+            total.raw_bytes += stats.raw_bytes;
+            total.wire_bytes += stats.wire_bytes;
+        }
+        Ok(total)
+    }
+
+    /// Receives one Kubernetes workload's checkpoint into the store, where the shim finds it
+    /// when the kubelet creates the workload's container. Refuses other identities.
+    pub async fn kube_receive(
+        &self,
+        migration: &str,
+        body: Body,
+    ) -> Result<TransferSummary, AgentError> {
+        let migration = safe("migration id", migration)?;
+        let reader = StreamReader::new(body.into_data_stream().map_err(io::Error::other));
+        let input = SyncIoBridge::new(reader);
+        let store = self.store.clone();
+        let received = tokio::task::spawn_blocking(move || {
+            receive_checkpoint(input, &store, |info, manifest| {
+                let workload = info.labels.get(WORKLOAD_LABEL).cloned().unwrap_or_default();
+                let expected = KubeIdentity {
+                    namespace: info.namespace.clone(),
+                    workload,
+                    container: info.id.clone(),
+                };
+                let expected = identity(&expected).map_err(|e| e.to_string())?;
+                if manifest.identity != expected {
+                    return Err(format!(
+                        "checkpoint is for {}, but the record is for {expected}",
+                        manifest.identity
+                    ));
+                }
+                Ok(())
+            })
+        })
+        .await
+        .map_err(|e| AgentError::Peer(format!("receiver thread failed: {e}")))??;
+        info!(workload = %received.checkpoint.manifest().identity, migration = %migration,
+              raw = received.stats.raw_bytes, wire = received.stats.wire_bytes,
+              "checkpoint received; waiting for the kubelet to create the container");
+        Ok(TransferSummary {
+            raw_bytes: received.stats.raw_bytes,
+            wire_bytes: received.stats.wire_bytes,
+        })
+    }
+}
+
+/// A `Write` on a blocking thread that sends full chunks into the request body's channel;
+/// `cancel` unblocks it when the request failed while the client still holds the body.
+struct BlockingWriter {
+    tx: mpsc::Sender<io::Result<Bytes>>,
+    buf: Vec<u8>,
+    cancel: CancellationToken,
+    runtime: tokio::runtime::Handle,
+}
+
+impl BlockingWriter {
+    fn push(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
+        let closed = || {
+            io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the connection to the destination closed while sending",
+            )
+        };
+        let (tx, cancel) = (&self.tx, &self.cancel);
+        self.runtime.block_on(async {
+            tokio::select! {
+                sent = tx.send(Ok(chunk)) => sent.map_err(|_| closed()),
+                () = cancel.cancelled() => Err(closed()),
+            }
+        })
+    }
+}
+
+impl Write for BlockingWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= CHUNK {
+            self.push()?;
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.push()
+    }
+}
+
+/// The `/agent/v1/kube` routes (bearer token required).
+pub fn router(state: AgentState) -> Router {
+    let token = state.token.clone();
+    Router::new()
+        .route("/agent/v1/kube/workloads", post(workloads))
+        .route("/agent/v1/kube/send", post(send))
+        .route("/agent/v1/kube/receive/{migration}", post(receive))
+        .layer(middleware::from_fn_with_state(token, require_token))
+        .with_state(state)
+}
+
+const WORKLOADS: &str = r#"{"migration":"<id>","action":"mark|unmark|discard|status","identities":[{"namespace":"<ns>","workload":"<name>","container":"<name>"}]}"#;
+
+async fn workloads(
+    State(s): State<AgentState>,
+    body: Bytes,
+) -> Result<Json<Vec<WorkloadStatus>>, ApiError> {
+    let req: WorkloadsRequest = parse_json(&body, WORKLOADS)?;
+    Ok(Json(s.agent.kube_workloads(&req)?))
+}
+
+async fn send(State(s): State<AgentState>, body: Bytes) -> Result<Json<TransferSummary>, ApiError> {
+    let req: KubeSendRequest = parse_json(
+        &body,
+        r#"{"migration":"<id>","identities":[...],"destination":"http://host:port"}"#,
+    )?;
+    Ok(Json(s.agent.kube_send(&s.http, &s.token, &req).await?))
+}
+
+async fn receive(
+    State(s): State<AgentState>,
+    Path(migration): Path<String>,
+    body: Body,
+) -> Result<Json<TransferSummary>, ApiError> {
+    Ok(Json(s.agent.kube_receive(&migration, body).await?))
+}
