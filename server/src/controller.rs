@@ -347,6 +347,9 @@ impl Controller {
                     warn!(migration = %id, error = %e, "origin cleanup failed");
                     self.update(id, |m| m.warnings.push(format!("origin cleanup: {e}")));
                 }
+                // Done only once the origin is cleaned up: a client that sees `done` finds the
+                // workload on the destination alone.
+                self.advance(id, Phase::Done);
                 info!(migration = %id, "migration done");
             }
             Err((stage, reason)) => self.recover(id, origin, dest, &req, stage, reason).await,
@@ -388,7 +391,7 @@ impl Controller {
             .restore(dest, req)
             .await
             .map_err(|e| (Stage::AfterCheckpoint, e.to_string()))?;
-        self.advance(id, Phase::Done);
+        self.update(id, Migration::mark_running_again);
         Ok(())
     }
 

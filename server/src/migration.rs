@@ -275,6 +275,12 @@ impl Migration {
         Ok(())
     }
 
+    /// Records that the workload runs on the destination: the downtime ends here, before the
+    /// origin is cleaned up and the migration is `Done`.
+    pub fn mark_running_again(&mut self) {
+        self.workload_running_again(Instant::now());
+    }
+
     fn workload_running_again(&mut self, now: Instant) {
         if let Some(start) = self.clock.downtime_started.take() {
             self.downtime_ms = Some(millis(now - start));
