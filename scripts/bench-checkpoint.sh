@@ -11,6 +11,8 @@
 # column measures that (a plain `ctr run -d` of the same image) for comparison.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=lib/nodes.sh
+source "$ROOT/scripts/lib/nodes.sh"
 SIZES=("${@:-16 256 1024}")
 read -r -a SIZES <<<"${SIZES[*]}"
 REPS=${REPS:-3}
@@ -25,7 +27,7 @@ cleanup() {
     for c in $($CTR c ls -q 2>/dev/null); do $CTR t rm -f "$c" >/dev/null 2>&1; $CTR c rm "$c" >/dev/null 2>&1; done
     [ -n "${CTR_PID:-}" ] && kill "$CTR_PID" && wait "$CTR_PID" 2>/dev/null
     runc --root "$W/runc" list -q 2>/dev/null | xargs -r -n1 runc --root "$W/runc" delete -f
-    grep -o " $W[^ ]*" /proc/self/mountinfo | sort -r | xargs -r -n1 umount -l
+    grep -o " ${W}[^ ]*" /proc/self/mountinfo | sort -r | xargs -r -n1 umount -l
     [ -n "${KEEP:-}" ] || rm -rf "$W"
 }
 trap cleanup EXIT
@@ -34,32 +36,14 @@ ms() { echo $(( ($2 - $1) / 1000000 )); }
 median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 # The image: memhog alone, as an OCI layout (no registry here).
-mkdir -p "$W/rootfs" "$W/oci/blobs/sha256"
+mkdir -p "$W/rootfs"
 gcc -O2 -static -o "$W/rootfs/memhog" "$ROOT/scripts/bench/memhog.c"
-tar -C "$W/rootfs" -cf "$W/layer.tar" memhog
-blob() { local d; d=$(sha256sum "$1" | cut -d' ' -f1); cp "$1" "$W/oci/blobs/sha256/$d"; echo "$d $(stat -c%s "$1")"; }
-read -r L LS < <(blob "$W/layer.tar")
-printf '{"architecture":"amd64","os":"linux","config":{"Cmd":["/memhog"]},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]}}' "$L" >"$W/cfg.json"
-read -r C CS < <(blob "$W/cfg.json")
-printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:%s","size":%s},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:%s","size":%s}]}' "$C" "$CS" "$L" "$LS" >"$W/man.json"
-read -r M MS < <(blob "$W/man.json")
-echo '{"imageLayoutVersion":"1.0.0"}' >"$W/oci/oci-layout"
-printf '{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:%s","size":%s,"annotations":{"io.containerd.image.name":"docker.io/library/memhog:bench"}}]}' "$M" "$MS" >"$W/oci/index.json"
-tar -C "$W/oci" -cf "$W/memhog.tar" .
+oci_image "$W/rootfs" docker.io/library/memhog:bench '{"Cmd":["/memhog"]}' "$W/memhog.tar"
 
 # A private containerd whose shims are the ones just built, with its own state dir.
-cat >"$W/config.toml" <<TOML
-version = 3
-root = "$W/root"
-state = "$W/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime", "io.containerd.nri.v1.nri"]
-[grpc]
-  address = "$W/containerd.sock"
-TOML
-MIG_STATE_DIR=$W/mig PATH="$ROOT/target/release:$PATH" containerd --config "$W/config.toml" >"$W/containerd.log" 2>&1 &
-CTR_PID=$!
+PATH="$ROOT/target/release:$PATH" start_node "$W"
+CTR_PID=$NODE_PID
 CTR="ctr -a $W/containerd.sock -n bench"
-for _ in $(seq 50); do $CTR version >/dev/null 2>&1 && break; sleep 0.1; done
 $CTR images import "$W/memhog.tar" >/dev/null
 
 floor_run() { # size -> "dump_ms restore_ms"

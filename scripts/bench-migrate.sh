@@ -41,6 +41,8 @@
 # Raw per-run values go to the log named at the end (kept with KEEP=1).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=lib/nodes.sh
+source "$ROOT/scripts/lib/nodes.sh"
 SIZES=("${@:-16 256 1024}")
 read -r -a SIZES <<<"${SIZES[*]}"
 REPS=${REPS:-1}
@@ -68,7 +70,7 @@ cleanup() {
     for p in $(jobs -p); do kill "$p" 2>/dev/null; done
     wait 2>/dev/null
     ip netns del "$NET1" 2>/dev/null; ip netns del "$NET2" 2>/dev/null
-    grep -o " $W[^ ]*" /proc/self/mountinfo | sort -r | xargs -r -n1 umount -l
+    grep -o " ${W}[^ ]*" /proc/self/mountinfo | sort -r | xargs -r -n1 umount -l
     if [ -n "${KEEP:-}" ]; then echo "kept $W"; else rm -rf "$W"; fi
 }
 trap cleanup EXIT
@@ -79,47 +81,20 @@ median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1
 log() { echo "$*" >>"$W/runs.log"; }
 
 # The image: memhog alone (10 ms tick), as an OCI layout (no registry here).
-mkdir -p "$W/rootfs" "$W/oci/blobs/sha256"
+mkdir -p "$W/rootfs"
 sed 's/{0, 100000000}/{0, 10000000}/' "$ROOT/scripts/bench/memhog.c" >"$W/memhog.c"
 grep -q '{0, 10000000}' "$W/memhog.c" || { echo "bench-migrate.sh: could not set memhog's tick to 10 ms" >&2; exit 1; }
 gcc -O2 -static -o "$W/rootfs/bmhog" "$W/memhog.c"
-tar -C "$W/rootfs" -cf "$W/layer.tar" bmhog
-blob() { local d; d=$(sha256sum "$1" | cut -d' ' -f1); cp "$1" "$W/oci/blobs/sha256/$d"; echo "$d $(stat -c%s "$1")"; }
-read -r L LS < <(blob "$W/layer.tar")
-printf '{"architecture":"amd64","os":"linux","config":{"Cmd":["/bmhog"]},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]}}' "$L" >"$W/cfg.json"
-read -r C CS < <(blob "$W/cfg.json")
-printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:%s","size":%s},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:%s","size":%s}]}' "$C" "$CS" "$L" "$LS" >"$W/man.json"
-read -r M MS < <(blob "$W/man.json")
-echo '{"imageLayoutVersion":"1.0.0"}' >"$W/oci/oci-layout"
-printf '{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:%s","size":%s,"annotations":{"io.containerd.image.name":"docker.io/library/memhog:bench-migrate"}}]}' "$M" "$MS" >"$W/oci/index.json"
-tar -C "$W/oci" -cf "$W/memhog.tar" .
+oci_image "$W/rootfs" docker.io/library/memhog:bench-migrate '{"Cmd":["/bmhog"]}' "$W/memhog.tar"
 
 # Two containerd nodes, two agents in their own network namespaces.
 umask 077; head -c 32 /dev/urandom | base64 >"$W/token"; umask 022
 export MIG_TOKEN_FILE=$W/token
 for n in 1 2; do
-    d=$W/node0$n
-    mkdir -p "$d"
-    cat >"$d/config.toml" <<TOML
-version = 3
-root = "$d/root"
-state = "$d/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime", "io.containerd.nri.v1.nri"]
-[grpc]
-  address = "$d/containerd.sock"
-TOML
-    MIG_STATE_DIR=$d/mig containerd --config "$d/config.toml" >"$d/containerd.log" 2>&1 &
-done
-for n in 1 2; do
-    for _ in $(seq 100); do ctr -a "$W/node0$n/containerd.sock" version >/dev/null 2>&1 && break; sleep 0.1; done
+    start_node "$W/node0$n"
     ctr -a "$W/node0$n/containerd.sock" -n $NS images import "$W/memhog.tar" >/dev/null
 done
-ip netns del "$NET1" 2>/dev/null || true; ip netns del "$NET2" 2>/dev/null || true
-ip netns add "$NET1"; ip netns add "$NET2"
-ip link add mig-bm-a type veth peer name mig-bm-b
-ip link set mig-bm-a netns "$NET1"; ip link set mig-bm-b netns "$NET2"
-ip -n "$NET1" addr add 10.231.8.1/24 dev mig-bm-a; ip -n "$NET1" link set mig-bm-a up; ip -n "$NET1" link set lo up
-ip -n "$NET2" addr add 10.231.8.2/24 dev mig-bm-b; ip -n "$NET2" link set mig-bm-b up; ip -n "$NET2" link set lo up
+veth_pair "$NET1" "$NET2" mig-bm-a mig-bm-b 10.231.8
 ip netns exec "$NET1" mig-server serve --role all --listen 10.231.8.1:7070 --node-name node01 \
     --containerd-address "$W/node01/containerd.sock" --namespace $NS --state-dir "$W/node01/mig" \
     --token-file "$W/token" >"$W/agent-node01.log" 2>&1 &

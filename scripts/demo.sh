@@ -12,6 +12,8 @@ for bin in containerd ctr runc criu containerd-shim-mig-v2 mig-server busybox; d
     command -v "$bin" >/dev/null || { echo "demo.sh: $bin not found: run scripts/setup.sh first" >&2; exit 1; }
 done
 
+# shellcheck source=lib/nodes.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/nodes.sh"
 W=$(mktemp -d /tmp/mig-demo-XXXXXX)
 NS=demo
 NET1=mig-demo-1 NET2=mig-demo-2
@@ -26,7 +28,7 @@ cleanup() {
     done
     kill $(jobs -p) 2>/dev/null; wait 2>/dev/null
     ip netns del "$NET1" 2>/dev/null; ip netns del "$NET2" 2>/dev/null
-    grep -o " $W[^ ]*" /proc/self/mountinfo | sort -r | xargs -r -n1 umount -l
+    grep -o " ${W}[^ ]*" /proc/self/mountinfo | sort -r | xargs -r -n1 umount -l
     [ -n "${KEEP:-}" ] && echo "kept $W" || rm -rf "$W"
 }
 trap cleanup EXIT
@@ -38,47 +40,20 @@ umask 022
 export MIG_TOKEN_FILE=$W/token
 
 say "building a busybox image (no registry here)"
-mkdir -p "$W/img/rootfs/bin" "$W/img/oci/blobs/sha256"
+mkdir -p "$W/img/rootfs/bin"
 cp "$(command -v busybox)" "$W/img/rootfs/bin/busybox"
 for c in sh echo sleep cat; do ln -s busybox "$W/img/rootfs/bin/$c"; done
-tar -C "$W/img/rootfs" -cf "$W/img/layer.tar" .
-blob() { local d; d=$(sha256sum "$1" | cut -d' ' -f1); cp "$1" "$W/img/oci/blobs/sha256/$d"; echo "$d $(stat -c%s "$1")"; }
-read -r L LS < <(blob "$W/img/layer.tar")
-printf '{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/bin"],"Cmd":["sh"]},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]}}' "$L" >"$W/img/cfg.json"
-read -r C CS < <(blob "$W/img/cfg.json")
-printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:%s","size":%s},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:%s","size":%s}]}' "$C" "$CS" "$L" "$LS" >"$W/img/man.json"
-read -r M MS < <(blob "$W/img/man.json")
-echo '{"imageLayoutVersion":"1.0.0"}' >"$W/img/oci/oci-layout"
-printf '{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:%s","size":%s,"annotations":{"io.containerd.image.name":"docker.io/library/mig-demo:1"}}]}' "$M" "$MS" >"$W/img/oci/index.json"
-tar -C "$W/img/oci" -cf "$W/image.tar" .
+oci_image "$W/img/rootfs" docker.io/library/mig-demo:1 '{"Env":["PATH=/bin"],"Cmd":["sh"]}' "$W/image.tar"
 
 say "starting two containerd nodes"
 for n in 1 2; do
-    d=$W/node0$n
-    mkdir -p "$d"
-    cat >"$d/config.toml" <<TOML
-version = 3
-root = "$d/root"
-state = "$d/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime", "io.containerd.nri.v1.nri"]
-[grpc]
-  address = "$d/containerd.sock"
-TOML
-    MIG_STATE_DIR=$d/mig containerd --config "$d/config.toml" >"$d/containerd.log" 2>&1 &
-done
-for n in 1 2; do
-    for _ in $(seq 100); do ctr -a "$W/node0$n/containerd.sock" version >/dev/null 2>&1 && break; sleep 0.1; done
+    start_node "$W/node0$n"
     ctr -a "$W/node0$n/containerd.sock" -n $NS images import "$W/image.tar" >/dev/null
     echo "node0$n: $(ctr -a "$W/node0$n/containerd.sock" version | awk '/Version/{print "containerd "$2; exit}')"
 done
 
 say "giving each node's agent its own address (network namespaces $NET1, $NET2)"
-ip netns del "$NET1" 2>/dev/null || true; ip netns del "$NET2" 2>/dev/null || true
-ip netns add "$NET1"; ip netns add "$NET2"
-ip link add mig-demo-a type veth peer name mig-demo-b
-ip link set mig-demo-a netns "$NET1"; ip link set mig-demo-b netns "$NET2"
-ip -n "$NET1" addr add 10.231.9.1/24 dev mig-demo-a; ip -n "$NET1" link set mig-demo-a up; ip -n "$NET1" link set lo up
-ip -n "$NET2" addr add 10.231.9.2/24 dev mig-demo-b; ip -n "$NET2" link set mig-demo-b up; ip -n "$NET2" link set lo up
+veth_pair "$NET1" "$NET2" mig-demo-a mig-demo-b 10.231.9
 SERVER=http://10.231.9.1:7070
 ip netns exec "$NET1" mig-server serve --role all --listen 10.231.9.1:7070 --node-name node01 \
     --containerd-address "$W/node01/containerd.sock" --namespace $NS --state-dir "$W/node01/mig" \

@@ -16,8 +16,9 @@ use tracing::info;
 
 use crate::agent::{AgentError, NodeAgent, safe};
 use crate::auth::Token;
+use crate::containerd::ContainerInfo;
 use crate::protocol::{ErrorBody, TransferSummary};
-use crate::stream::{StreamError, receive_checkpoint, send_checkpoint};
+use crate::stream::{StreamError, StreamStats, receive_checkpoint, send_checkpoint};
 
 /// Chunks handed to the HTTP body; big enough to keep syscalls few.
 const CHUNK: usize = 256 * 1024;
@@ -92,61 +93,77 @@ impl NodeAgent {
             let identity = WorkloadIdentity::container(ns.as_str(), id.as_str())?;
             let info = self.saved_info(&migration, &identity)?;
             let dir = self.store.path_for(&identity);
-            let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(4);
-            let level = self.config.zstd_level;
-            let cancel = CancellationToken::new();
-            let mut out = ChannelWriter {
-                tx,
-                buf: Vec::with_capacity(CHUNK),
-                cancel: cancel.clone(),
-                runtime: tokio::runtime::Handle::current(),
-            };
-            let encoder = tokio::task::spawn_blocking(move || {
-                let stats = send_checkpoint(&dir, &info, &mut out, level)?;
-                out.flush().map_err(|source| StreamError::Io {
-                    what: "send".into(),
-                    source,
-                })?;
-                Ok::<_, StreamError>(stats)
-            });
-            let body =
-                reqwest::Body::wrap_stream(futures_util::stream::unfold(rx, |mut rx| async {
-                    rx.recv().await.map(|item| (item, rx))
-                }));
-            let response = http
-                .post(&url)
-                .bearer_auth(token.secret())
-                .body(body)
-                .send()
-                .await;
-            if !matches!(&response, Ok(r) if r.status().is_success()) {
-                cancel.cancel();
-            }
-            let encoded = encoder
-                .await
-                .map_err(|e| AgentError::Peer(format!("sender thread failed: {e}")))?;
-            let response = response.map_err(|e| {
-                AgentError::Peer(format!(
-                    "sending the checkpoint of {id} to {url} failed: {}",
-                    error_chain(&e)
-                ))
-            })?;
-            if !response.status().is_success() {
-                let status = response.status();
-                let text = response.text().await.unwrap_or_default();
-                let message = serde_json::from_str::<ErrorBody>(&text)
-                    .map(|b| b.error)
-                    .unwrap_or(text);
-                return Err(AgentError::Peer(format!(
-                    "destination refused the checkpoint of {id} ({status}): {message}"
-                )));
-            }
-            let stats = encoded?;
+            let stats = self
+                .stream_checkpoint(http, token, &url, dir, info, &format!("{id}"))
+                .await?;
             info!(container_id = %id, raw = stats.raw_bytes, wire = stats.wire_bytes, "checkpoint sent");
             total.raw_bytes += stats.raw_bytes;
             total.wire_bytes += stats.wire_bytes;
         }
         Ok(total)
+    }
+
+    /// POSTs the checkpoint in `dir` (with its container record) to `url` as one compressed
+    /// stream, read straight from the directory on a blocking thread. `what` names the
+    /// workload in errors.
+    pub(crate) async fn stream_checkpoint(
+        &self,
+        http: &reqwest::Client,
+        token: &Token,
+        url: &str,
+        dir: std::path::PathBuf,
+        info: ContainerInfo,
+        what: &str,
+    ) -> Result<StreamStats, AgentError> {
+        let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(4);
+        let level = self.config.zstd_level;
+        let cancel = CancellationToken::new();
+        let mut out = ChannelWriter {
+            tx,
+            buf: Vec::with_capacity(CHUNK),
+            cancel: cancel.clone(),
+            runtime: tokio::runtime::Handle::current(),
+        };
+        let encoder = tokio::task::spawn_blocking(move || {
+            let stats = send_checkpoint(&dir, &info, &mut out, level)?;
+            out.flush().map_err(|source| StreamError::Io {
+                what: "send".into(),
+                source,
+            })?;
+            Ok::<_, StreamError>(stats)
+        });
+        let body = reqwest::Body::wrap_stream(futures_util::stream::unfold(rx, |mut rx| async {
+            rx.recv().await.map(|item| (item, rx))
+        }));
+        let response = http
+            .post(url)
+            .bearer_auth(token.secret())
+            .body(body)
+            .send()
+            .await;
+        if !matches!(&response, Ok(r) if r.status().is_success()) {
+            cancel.cancel();
+        }
+        let encoded = encoder
+            .await
+            .map_err(|e| AgentError::Peer(format!("sender thread failed: {e}")))?;
+        let response = response.map_err(|e| {
+            AgentError::Peer(format!(
+                "sending the checkpoint of {what} to {url} failed: {}",
+                error_chain(&e)
+            ))
+        })?;
+        if !response.status().is_success() {
+            let status = response.status();
+            let text = response.text().await.unwrap_or_default();
+            let message = serde_json::from_str::<ErrorBody>(&text)
+                .map(|b| b.error)
+                .unwrap_or(text);
+            return Err(AgentError::Peer(format!(
+                "destination refused the checkpoint of {what} ({status}): {message}"
+            )));
+        }
+        Ok(encoded?)
     }
 
     /// Receives one checkpoint stream for `migration` into the store and records the

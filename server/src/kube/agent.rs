@@ -15,9 +15,7 @@ use axum::routing::post;
 use axum::{Json, Router, middleware};
 use futures_util::TryStreamExt;
 use mig_checkpoint::{SafeName, WorkloadIdentity};
-use tokio::sync::mpsc;
 use tokio_util::io::{StreamReader, SyncIoBridge};
-use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use super::{KubeIdentity, KubeSendRequest, WorkloadAction, WorkloadStatus, WorkloadsRequest};
@@ -26,11 +24,8 @@ use crate::agent_routes::AgentState;
 use crate::auth::{Token, require_token};
 use crate::containerd::{ContainerInfo, WORKLOAD_LABEL};
 use crate::http::{ApiError, parse_json};
-use crate::protocol::{ErrorBody, TransferSummary};
-use crate::stream::{StreamError, receive_checkpoint, send_checkpoint};
-use crate::transfer::error_chain;
-
-const CHUNK: usize = 256 * 1024;
+use crate::protocol::TransferSummary;
+use crate::stream::receive_checkpoint;
 
 fn identity(k: &KubeIdentity) -> Result<WorkloadIdentity, AgentError> {
     for (what, v) in [
@@ -136,58 +131,9 @@ impl NodeAgent {
                 spec: serde_json::Value::Null,
             };
             let dir = self.store.path_for(&id);
-            let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(4);
-            let cancel = CancellationToken::new();
-            let level = self.config.zstd_level;
-            let writer_cancel = cancel.clone();
-            let runtime = tokio::runtime::Handle::current();
-            let encoder = tokio::task::spawn_blocking(move || {
-                let mut out = BlockingWriter {
-                    tx,
-                    buf: Vec::with_capacity(CHUNK),
-                    cancel: writer_cancel,
-                    runtime,
-                };
-                let stats = send_checkpoint(&dir, &info, &mut out, level)?;
-                out.push().map_err(|source| StreamError::Io {
-                    what: "send".into(),
-                    source,
-                })?;
-                Ok::<_, StreamError>(stats)
-            });
-            let body =
-                reqwest::Body::wrap_stream(futures_util::stream::unfold(rx, |mut rx| async {
-                    rx.recv().await.map(|item| (item, rx))
-                }));
-            let response = http
-                .post(&url)
-                .bearer_auth(token.secret())
-                .body(body)
-                .send()
-                .await;
-            if !matches!(&response, Ok(r) if r.status().is_success()) {
-                cancel.cancel();
-            }
-            let encoded = encoder
-                .await
-                .map_err(|e| AgentError::Peer(format!("sender thread failed: {e}")))?;
-            let response = response.map_err(|e| {
-                AgentError::Peer(format!(
-                    "sending the checkpoint of {k} to {url} failed: {}",
-                    error_chain(&e)
-                ))
-            })?;
-            if !response.status().is_success() {
-                let status = response.status();
-                let text = response.text().await.unwrap_or_default();
-                let message = serde_json::from_str::<ErrorBody>(&text)
-                    .map(|b| b.error)
-                    .unwrap_or(text);
-                return Err(AgentError::Peer(format!(
-                    "destination refused the checkpoint of {k} ({status}): {message}"
-                )));
-            }
-            let stats = encoded?;
+            let stats = self
+                .stream_checkpoint(http, token, &url, dir, info, &format!("{k}"))
+                .await?;
             info!(workload = %k, raw = stats.raw_bytes, wire = stats.wire_bytes, "checkpoint sent");
             total.raw_bytes += stats.raw_bytes;
             total.wire_bytes += stats.wire_bytes;
@@ -233,50 +179,6 @@ impl NodeAgent {
             raw_bytes: received.stats.raw_bytes,
             wire_bytes: received.stats.wire_bytes,
         })
-    }
-}
-
-/// A `Write` on a blocking thread that sends full chunks into the request body's channel;
-/// `cancel` unblocks it when the request failed while the client still holds the body.
-struct BlockingWriter {
-    tx: mpsc::Sender<io::Result<Bytes>>,
-    buf: Vec<u8>,
-    cancel: CancellationToken,
-    runtime: tokio::runtime::Handle,
-}
-
-impl BlockingWriter {
-    fn push(&mut self) -> io::Result<()> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
-        let closed = || {
-            io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "the connection to the destination closed while sending",
-            )
-        };
-        let (tx, cancel) = (&self.tx, &self.cancel);
-        self.runtime.block_on(async {
-            tokio::select! {
-                sent = tx.send(Ok(chunk)) => sent.map_err(|_| closed()),
-                () = cancel.cancelled() => Err(closed()),
-            }
-        })
-    }
-}
-
-impl Write for BlockingWriter {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        self.buf.extend_from_slice(data);
-        if self.buf.len() >= CHUNK {
-            self.push()?;
-        }
-        Ok(data.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.push()
     }
 }
 

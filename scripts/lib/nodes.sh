@@ -1,0 +1,62 @@
+# shellcheck shell=bash
+# Shared by demo.sh and the benchmarks: a locally built OCI image (no registry is reachable
+# here), private containerd "nodes", and a veth pair between two network namespaces.
+
+# oci_image ROOTFS IMAGE_NAME CONFIG OUT_TAR: writes a one-layer OCI image archive of the
+# directory ROOTFS, named IMAGE_NAME, whose image config is CONFIG (JSON, e.g. {"Cmd":["sh"]}).
+oci_image() {
+    local rootfs=$1 name=$2 config=$3 out=$4 w L LS C CS M MS
+    w=$(mktemp -d)
+    mkdir -p "$w/oci/blobs/sha256"
+    blob() { local d; d=$(sha256sum "$1" | cut -d' ' -f1); cp "$1" "$w/oci/blobs/sha256/$d"; echo "$d $(stat -c%s "$1")"; }
+    tar -C "$rootfs" -cf "$w/layer.tar" .
+    read -r L LS < <(blob "$w/layer.tar")
+    printf '{"architecture":"amd64","os":"linux","config":%s,"rootfs":{"type":"layers","diff_ids":["sha256:%s"]}}' "$config" "$L" >"$w/cfg.json"
+    read -r C CS < <(blob "$w/cfg.json")
+    printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:%s","size":%s},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:%s","size":%s}]}' "$C" "$CS" "$L" "$LS" >"$w/man.json"
+    read -r M MS < <(blob "$w/man.json")
+    echo '{"imageLayoutVersion":"1.0.0"}' >"$w/oci/oci-layout"
+    printf '{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:%s","size":%s,"annotations":{"io.containerd.image.name":"%s"}}]}' "$M" "$MS" "$name" >"$w/oci/index.json"
+    tar -C "$w/oci" -cf "$out" .
+    rm -rf "$w"
+}
+
+# start_node DIR: a containerd with its root, state, socket (DIR/containerd.sock) and log under
+# DIR, and the shim's state dir at DIR/mig; waits until it answers. Its pid is in NODE_PID.
+# The caller's environment (PATH: which shim) reaches containerd and its shims.
+start_node() {
+    local d=$1
+    mkdir -p "$d"
+    cat >"$d/config.toml" <<TOML
+version = 3
+root = "$d/root"
+state = "$d/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime", "io.containerd.nri.v1.nri"]
+[grpc]
+  address = "$d/containerd.sock"
+TOML
+    MIG_STATE_DIR=$d/mig containerd --config "$d/config.toml" >"$d/containerd.log" 2>&1 &
+    NODE_PID=$!
+    for _ in $(seq 100); do ctr -a "$d/containerd.sock" version >/dev/null 2>&1 && return 0; sleep 0.1; done
+    echo "containerd in $d did not start; its log: $d/containerd.log" >&2
+    return 1
+}
+
+# veth_pair NET1 NET2 IF1 IF2 PREFIX: (re)creates network namespaces NET1 and NET2 joined by a
+# veth pair, with PREFIX.1/24 in NET1 and PREFIX.2/24 in NET2.
+veth_pair() {
+    local n1=$1 n2=$2 i1=$3 i2=$4 prefix=$5
+    ip netns del "$n1" 2>/dev/null || true
+    ip netns del "$n2" 2>/dev/null || true
+    ip netns add "$n1"
+    ip netns add "$n2"
+    ip link add "$i1" type veth peer name "$i2"
+    ip link set "$i1" netns "$n1"
+    ip link set "$i2" netns "$n2"
+    ip -n "$n1" addr add "$prefix.1/24" dev "$i1"
+    ip -n "$n2" addr add "$prefix.2/24" dev "$i2"
+    for n in "$n1:$i1" "$n2:$i2"; do
+        ip -n "${n%%:*}" link set "${n#*:}" up
+        ip -n "${n%%:*}" link set lo up
+    done
+}
