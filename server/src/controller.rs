@@ -237,16 +237,7 @@ impl Controller {
         let origin = self.node(&req.origin_node, "origin")?;
         let dest = self.node(&req.dest_node, "destination")?;
         let key = (namespace.clone(), target.clone());
-        let id = self.new_id();
-        {
-            let mut active = lock(&self.active);
-            if let Some(other) = active.get(&key) {
-                return Err(ControllerError::Conflict(format!(
-                    "{target} in namespace {namespace} is already being migrated by {other}; wait for it to finish"
-                )));
-            }
-            active.insert(key.clone(), id.clone());
-        }
+        let id = self.claim(&key)?;
         let resolved = self
             .nodes_api
             .resolve(
@@ -287,6 +278,21 @@ impl Controller {
             lock(&this.active).remove(&key);
         });
         Ok(record)
+    }
+
+    /// Reserves a migration id for the workload `key` (namespace, target); a workload already
+    /// being migrated is a conflict.
+    pub(crate) fn claim(&self, key: &(String, Target)) -> Result<String, ControllerError> {
+        let mut active = lock(&self.active);
+        if let Some(other) = active.get(key) {
+            let (namespace, target) = key;
+            return Err(ControllerError::Conflict(format!(
+                "{target} in namespace {namespace} is already being migrated by {other}; wait for it to finish"
+            )));
+        }
+        let id = self.new_id();
+        active.insert(key.clone(), id.clone());
+        Ok(id)
     }
 
     pub(crate) fn new_id(&self) -> String {

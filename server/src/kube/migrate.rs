@@ -72,16 +72,7 @@ impl Controller {
         let origin = self.node(&req.origin_node, "origin")?;
         let dest = self.node(&req.dest_node, "destination")?;
         let key = (namespace.clone(), target.clone());
-        let id = self.new_id();
-        {
-            let mut active = lock(&self.active);
-            if let Some(other) = active.get(&key) {
-                return Err(ControllerError::Conflict(format!(
-                    "{target} in namespace {namespace} is already being migrated by {other}; wait for it to finish"
-                )));
-            }
-            active.insert(key.clone(), id.clone());
-        }
+        let id = self.claim(&key)?;
         let plan = match self.plan(&kube, &namespace, &deployment, &origin).await {
             Ok(p) => p,
             Err(e) => {
