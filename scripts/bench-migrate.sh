@@ -14,10 +14,11 @@
 #
 # Columns:
 #   client ms   downtime seen by a client polling every 10 ms: the workload's /tick read through
-#               the root of the running task (/proc/<origin pid>/root/tick; once the origin
-#               process is gone, /proc/<pid>/root/tick of the bmhog process that appears, i.e.
-#               the one the destination node restored). Downtime = last time the origin's tick
-#               was seen to change -> first time the destination's tick differs from the last
+#               the root of the running task (/proc/<origin pid>/root/tick, and that of any
+#               bmhog process created after the poller started: the one the destination node
+#               restored; older ones, e.g. a floor run's zombie, are ignored). Downtime = last
+#               time the origin's tick was seen to change -> first time the destination's tick
+#               differs from the last
 #               value seen on the origin. Resolution: poll 10 ms + tick 10 ms, so it
 #               overstates by up to ~20 ms. It is measured from outside the agents and
 #               containerd, so it includes everything they do.
@@ -156,30 +157,34 @@ def tick(pid):
             return f.read()
     except OSError:
         return None
-def memhogs():
+def started(pid):
+    """Start time of a process, in clock ticks since boot."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[19])
+born = started("self")
+def restored():
+    """bmhog processes created after this poller: the restored one among them. Processes of
+    earlier runs (the floor's, a zombie its init has not reaped yet) are older."""
     for p in os.listdir("/proc"):
         if p.isdigit() and p != opid:
             try:
                 with open(f"/proc/{p}/comm") as f:
-                    if f.read().strip() == "bmhog":
+                    if f.read().strip() == "bmhog" and started(p) >= born:
                         yield p
-            except OSError:
+            except (OSError, ValueError, IndexError):
                 pass
-last = tick(opid); last_adv = time.time(); dest = None; deadline = time.time() + 600
+# The origin's tick is followed for as long as it can be read (CRIU's dump may hide its root
+# for a moment without ending it). The destination is the process created after this poller
+# whose tick is readable and differs from the last one the origin wrote.
+last = tick(opid); last_adv = time.time(); deadline = time.time() + 600
 while time.time() < deadline:
     t = time.time()
-    if dest is None:
-        v = tick(opid)
-        if v is not None:
-            if v != last:
-                last, last_adv = v, t
-        else:
-            dest = next(memhogs(), None)
-    if dest is not None:
-        v = tick(dest)
-        if v is None and not os.path.exists(f"/proc/{dest}"):
-            dest = None
-        elif v is not None and v != last:
+    v = tick(opid)
+    if v is not None and v != last:
+        last, last_adv = v, t
+    for p in restored():
+        v = tick(p)
+        if v is not None and v != last:
             open(out, "w").write(f"{last_adv:.3f} {t:.3f}\n")
             sys.exit(0)
     time.sleep(max(0.0, 0.010 - (time.time() - t)))

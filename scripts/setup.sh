@@ -76,9 +76,38 @@ if [ ! -x "$CRIU_DIR/usr/sbin/criu" ]; then
 fi
 # runc only needs a `criu` on PATH: this wrapper runs sid's binary with sid's loader and libraries,
 # passed on the loader's command line so that nothing CRIU starts (iptables-restore) inherits them.
+#
+# CRIU caches what it probes of the kernel in /run/criu.kdat, but saves that cache only where
+# /run is a tmpfs (so a reboot clears it). Where /run is not (this kind of machine), every dump
+# and restore probes the kernel again: ~40 ms each, i.e. ~80 ms of every migration's downtime.
+# There the wrapper makes the cache itself, with CRIU, in a private tmpfs mounted over /run in a
+# mount namespace of its own, installs it and tags it with the boot id: after a reboot (a new
+# kernel perhaps) the tag differs and the cache is made again. CRIU itself still checks the
+# cache's magic and size when it loads it.
+KDAT_BLOCK=
+if [ "$(stat -f -c %T /run)" != tmpfs ]; then
+    say "/run is not a tmpfs: the criu wrapper keeps CRIU's kernel probe cache per boot"
+    KDAT_BLOCK=$(cat <<'KDAT'
+read -r boot </proc/sys/kernel/random/boot_id
+tag=
+[ -s /run/criu.kdat ] && read -r tag </run/criu.kdat.boot 2>/dev/null
+if [ "$tag" != "$boot" ]; then
+    t=$(mktemp -d) && unshare -m sh -c '
+        mount -t tmpfs -o mode=0700,size=1m criu-kdat /run &&
+        "$1/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2" \
+            --library-path "$1/usr/lib/x86_64-linux-gnu:$1/lib/x86_64-linux-gnu" \
+            "$1/usr/sbin/criu" check >/dev/null 2>&1; cp /run/criu.kdat "$2/kdat"' sh "$L" "$t" 2>/dev/null &&
+        mv -f "$t/kdat" /run/criu.kdat.new && mv -f /run/criu.kdat.new /run/criu.kdat &&
+        echo "$boot" >/run/criu.kdat.boot.new && mv -f /run/criu.kdat.boot.new /run/criu.kdat.boot
+    rm -rf "$t"
+fi
+KDAT
+)
+fi
 cat >"$BIN_DIR/criu.new" <<WRAP
 #!/bin/sh
 L=$CRIU_DIR
+$KDAT_BLOCK
 exec "\$L/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2" --library-path "\$L/usr/lib/x86_64-linux-gnu:\$L/lib/x86_64-linux-gnu" "\$L/usr/sbin/criu" "\$@"
 WRAP
 chmod 755 "$BIN_DIR/criu.new"

@@ -24,13 +24,15 @@
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::io::{self, BufReader, BufWriter, Read};
+use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
+use sha2::{Digest, Sha256};
 use tar::{EntryType, Header};
 
 use crate::error::{Error, Result, io_err};
+use crate::manifest::hex;
 use crate::sys;
 
 const XATTR_PAX_PREFIX: &[u8] = b"SCHILY.xattr.";
@@ -50,11 +52,17 @@ const NODE_LOCAL_XATTRS: [&[u8]; 4] = [
 ];
 
 /// Packs the tree under `src` (the directory itself included, as `.`) into a new tar file
-/// `out`, created with mode 0600.
+/// `out`, created with mode 0600, and makes it durable.
 ///
 /// The tree must not change while being packed (the container is stopped or frozen); a file
 /// that shrinks meanwhile fails the archive instead of corrupting it.
 pub fn pack_tree(src: &Path, out: &Path) -> Result<()> {
+    pack_tree_hashed(src, out, true).map(|_| ())
+}
+
+/// [`pack_tree`], returning the archive's size and SHA-256 (hashed as it is written); fsyncs it
+/// when `durable`.
+pub fn pack_tree_hashed(src: &Path, out: &Path, durable: bool) -> Result<(u64, String)> {
     let meta = src.symlink_metadata().map_err(io_err("stat", src))?;
     if !meta.is_dir() {
         return Err(io_err("pack", src)(io::Error::new(
@@ -68,8 +76,13 @@ pub fn pack_tree(src: &Path, out: &Path) -> Result<()> {
         .mode(0o600)
         .open(out)
         .map_err(io_err("create", out))?;
+    let hashing = HashingWriter {
+        inner: file,
+        hasher: Sha256::new(),
+        size: 0,
+    };
     let mut packer = Packer {
-        builder: tar::Builder::new(BufWriter::with_capacity(1 << 20, file)),
+        builder: tar::Builder::new(BufWriter::with_capacity(1 << 20, hashing)),
         archive: out,
         first_link: HashMap::new(),
     };
@@ -79,14 +92,37 @@ pub fn pack_tree(src: &Path, out: &Path) -> Result<()> {
         .builder
         .into_inner()
         .map_err(io_err("write archive", out))?;
-    let file = writer
+    let hashing = writer
         .into_inner()
         .map_err(|e| io_err("write archive", out)(e.into_error()))?;
-    file.sync_all().map_err(io_err("fsync", out))
+    if durable {
+        hashing.inner.sync_all().map_err(io_err("fsync", out))?;
+    }
+    Ok((hashing.size, hex(&hashing.hasher.finalize())))
+}
+
+/// Hashes what goes through it.
+struct HashingWriter {
+    inner: File,
+    hasher: Sha256,
+    size: u64,
+}
+
+impl Write for HashingWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 struct Packer<'a> {
-    builder: tar::Builder<BufWriter<File>>,
+    builder: tar::Builder<BufWriter<HashingWriter>>,
     archive: &'a Path,
     /// First archived path of each multiply-linked inode, by (device, inode).
     first_link: HashMap<(u64, u64), PathBuf>,

@@ -38,6 +38,19 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
+    /// Makes the files' data durable (fsync each). For a checkpoint committed without (see
+    /// [`crate::CheckpointWriter::set_durable`]), afterwards: its manifest, stamp and
+    /// directories are durable already.
+    pub fn sync_data(&self) -> Result<()> {
+        for file in self.files() {
+            let path = self.dir.join(&file.path);
+            fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(io_err("fsync", &path))?;
+        }
+        Ok(())
+    }
+
     /// Opens the checkpoint in `dir` and parses its manifest.
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self> {
         let dir = dir.into();

@@ -58,9 +58,10 @@ mod name;
 mod stamp;
 mod store;
 mod sys;
+mod tail;
 mod writer;
 
-pub use archive::{pack_tree, unpack_tree, unpack_tree as unpack_upper};
+pub use archive::{pack_tree, pack_tree_hashed, unpack_tree, unpack_tree as unpack_upper};
 pub use checkpoint::{Checkpoint, Verified};
 pub use error::{Corruption, Error, Result};
 pub use identity::{WorkloadIdentity, annotations, workload_from_pod_name};

@@ -106,6 +106,16 @@ impl Store {
     /// a retry. If a newer checkpoint replaced the directory since `checkpoint` was opened,
     /// nothing is deleted and [`Error::Replaced`] is returned.
     pub fn consume(&self, checkpoint: Checkpoint) -> Result<()> {
+        let doomed = self.consume_detached(checkpoint)?;
+        fs::remove_dir_all(&doomed).map_err(io_err("remove", &doomed))
+    }
+
+    /// [`Store::consume`], except that the data is left for the caller to delete: the
+    /// checkpoint is moved out of the workload's place (so nothing restores it again) to the
+    /// hidden directory returned. Deleting a GiB of images takes a noticeable time that a
+    /// restore need not wait for; a directory its caller fails to delete is removed by
+    /// [`Store::remove_stale`].
+    pub fn consume_detached(&self, checkpoint: Checkpoint) -> Result<PathBuf> {
         let dir = checkpoint.dir().to_path_buf();
         let doomed = self.hidden_path(".removing-", &checkpoint.identity().safe_key());
         // Renaming first makes the check below race-free: once moved, the directory cannot be
@@ -116,7 +126,7 @@ impl Store {
             crate::sys::rename_noreplace(&doomed, &dir).map_err(io_err("rename back", &doomed))?;
             return Err(Error::Replaced { dir });
         }
-        fs::remove_dir_all(&doomed).map_err(io_err("remove", &doomed))
+        Ok(doomed)
     }
 
     /// Deletes leftovers of interrupted writes and deletions (hidden directories) last

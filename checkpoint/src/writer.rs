@@ -1,6 +1,6 @@
 //! [`CheckpointWriter`]: builds a checkpoint in a temporary directory and installs it atomically.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -19,6 +19,7 @@ use crate::name::SafeName;
 use crate::stamp::{STAMP_FILE, Stamp};
 use crate::store::Store;
 use crate::sys;
+use crate::tail::{self, TailHasher};
 
 /// A checkpoint being written. Dropping it without committing deletes everything written.
 #[derive(Debug)]
@@ -29,6 +30,12 @@ pub struct CheckpointWriter {
     tmp: PathBuf,
     final_path: PathBuf,
     installed: bool,
+    /// Whether file data is fsynced at commit (see [`CheckpointWriter::set_durable`]).
+    durable: bool,
+    /// Files hashed while they were written: path in the checkpoint -> (size, sha256).
+    prehashed: BTreeMap<String, (u64, String)>,
+    /// Follows the engine's page images while it writes them.
+    tail: Option<TailHasher>,
 }
 
 impl CheckpointWriter {
@@ -45,7 +52,55 @@ impl CheckpointWriter {
             key,
             tmp,
             installed: false,
+            durable: true,
+            prehashed: BTreeMap::new(),
+            tail: None,
         })
+    }
+
+    /// Whether [`CheckpointWriter::commit`] makes the file data durable (fsync) before it
+    /// installs the checkpoint; the default. The manifest, the stamp and the directories are
+    /// always synced.
+    ///
+    /// A migration's checkpoint can do without: it is streamed to the destination at once and
+    /// only needs to outlive the migration on this node, within this boot. Writing a GiB of
+    /// memory images to disk takes seconds here, all of them downtime. If the node crashes
+    /// first, the workload is lost as it would have been without a migration; the checkpoint
+    /// left behind carries a stamp of another boot, so a later restore hashes every file and
+    /// refuses one whose data did not reach the disk, never restoring it.
+    pub fn set_durable(&mut self, durable: bool) {
+        self.durable = durable;
+    }
+
+    /// Starts hashing the engine's memory page images (`images/pages-*.img`) while the engine
+    /// writes them, on a thread of its own, so that the commit does not read them again (see
+    /// the `tail` module). Call [`CheckpointWriter::images_written`] once the engine is done.
+    pub fn hash_images_while_written(&mut self) -> Result<()> {
+        let dir = self.images_dir()?;
+        self.tail = Some(
+            TailHasher::start(dir.clone(), tail::is_page_image)
+                .map_err(io_err("start hashing", &dir))?,
+        );
+        Ok(())
+    }
+
+    /// The engine has written and closed its images: collects the digests computed while it
+    /// wrote them. A failure to follow them is not an error: the commit hashes them itself.
+    pub fn images_written(&mut self) {
+        let Some(tail) = self.tail.take() else {
+            return;
+        };
+        match tail.finish() {
+            Ok(digests) => {
+                for (name, digest) in digests {
+                    self.prehashed
+                        .insert(format!("{IMAGES_DIR}/{name}"), digest);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(dir = %self.tmp.display(), error = %e, "could not hash the images while they were written; hashing them at commit");
+            }
+        }
     }
 
     /// The temporary checkpoint directory. A receiver writes streamed files (and
@@ -68,22 +123,24 @@ impl CheckpointWriter {
     /// (see [`archive::pack_tree`]).
     pub fn add_upper_layer(&mut self, upper_dir: &Path) -> Result<()> {
         self.payload_dir(ROOTFS_DIR)?;
-        self.pack_new(upper_dir, &self.tmp.join(UPPER_LAYER_FILE))
+        self.pack_new(upper_dir, UPPER_LAYER_FILE.to_string())
     }
 
     /// Packs the content of the pod's local volume `name` into `volumes/<name>.tar`.
     pub fn add_volume(&mut self, name: &SafeName, dir: &Path) -> Result<()> {
-        let volumes = self.payload_dir(VOLUMES_DIR)?;
-        self.pack_new(dir, &volumes.join(format!("{name}.tar")))
+        self.payload_dir(VOLUMES_DIR)?;
+        self.pack_new(dir, format!("{VOLUMES_DIR}/{name}.tar"))
     }
 
-    fn pack_new(&self, src: &Path, archive_path: &Path) -> Result<()> {
+    /// Packs `src` into the payload file `rel`, hashing the archive as it is written.
+    fn pack_new(&mut self, src: &Path, rel: String) -> Result<()> {
+        let archive_path = self.tmp.join(&rel);
         if archive_path.symlink_metadata().is_ok() {
-            return Err(Error::AlreadyAdded {
-                path: archive_path.to_path_buf(),
-            });
+            return Err(Error::AlreadyAdded { path: archive_path });
         }
-        archive::pack_tree(src, archive_path)
+        let digest = archive::pack_tree_hashed(src, &archive_path, self.durable)?;
+        self.prehashed.insert(rel, digest);
+        Ok(())
     }
 
     fn payload_dir(&self, name: &str) -> Result<PathBuf> {
@@ -109,18 +166,31 @@ impl CheckpointWriter {
             .map(|(p, _)| p)
             .collect();
         let started = std::time::Instant::now();
-        // The disk writes every file while we hash them from the page cache; the fsyncs after
-        // the hashes then mostly wait for what is left, and (the blocks of all files being
-        // allocated by then) the first one's journal commit covers the others.
-        for path in &payload {
-            let full = self.tmp.join(path);
-            make_private(&full, 0o600)?;
-            start_writeback(&full);
+        self.images_written();
+        let durable = self.durable;
+        if durable {
+            // The disk writes every file while we hash them from the page cache; the fsyncs
+            // after the hashes then mostly wait for what is left, and (the blocks of all files
+            // being allocated by then) the first one's journal commit covers the others.
+            for path in &payload {
+                start_writeback(&self.tmp.join(path));
+            }
         }
+        for path in &payload {
+            make_private(&self.tmp.join(path), 0o600)?;
+        }
+        let prehashed = std::mem::take(&mut self.prehashed);
         let hashed = crate::manifest::parallel_map(&payload, |path| -> Result<(u64, String)> {
             let full = self.tmp.join(path);
-            let digest = sha256_file(&full)?;
-            sync(&full)?;
+            let size = full.metadata().map_err(io_err("stat", &full))?.len();
+            let digest = match prehashed.get(path) {
+                // Hashed while written, and not grown or shrunk since.
+                Some(d) if d.0 == size => d.clone(),
+                _ => sha256_file(&full)?,
+            };
+            if durable {
+                sync(&full)?;
+            }
             Ok(digest)
         });
         let hashed_ms = started.elapsed().as_millis();
@@ -157,14 +227,16 @@ impl CheckpointWriter {
             .and_then(|()| out.sync_all())
             .map_err(io_err("write", &manifest_path))?;
         make_private(&manifest_path, 0o600)?;
-        // Every byte was hashed just now, and the files are durable: record it, so that
-        // neither the sender nor a rollback restore on this node hashes them again.
+        // Every byte was hashed just now (or while written): record it, so that neither the
+        // sender nor a rollback restore on this node hashes them again. The stamp holds for
+        // this boot only, so files that were not made durable are hashed after a crash.
         self.stamp(&manifest.files)?;
         let bytes: u64 = manifest.files.iter().map(|f| f.size).sum();
         let checkpoint = self.finish(dirs)?;
         tracing::info!(
             files = manifest.files.len(),
             bytes,
+            durable,
             hash_and_sync_ms = hashed_ms,
             total_ms = started.elapsed().as_millis(),
             "checkpoint committed"
@@ -364,6 +436,8 @@ impl CheckpointWriter {
 
 impl Drop for CheckpointWriter {
     fn drop(&mut self) {
+        // Stop following the images before they are deleted.
+        drop(self.tail.take());
         if !self.installed {
             discard(&self.tmp);
         }

@@ -5,7 +5,8 @@
 //!
 //! ```text
 //! checkpoints/                 the mig_checkpoint::Store the shim writes and restores from
-//! marks/<key>.json             {"migration": id}: tells the shim to checkpoint on the next kill
+//! marks/<key>.json             {"migration": id, "durable": false}: tells the shim to checkpoint
+//!                              on the next kill (data not fsynced: it is streamed at once)
 //! migrations/<id>/<key>.json   the container record of each container of migration <id>
 //!                              (origin: taken before the checkpoint; destination: received)
 //! migrations/<id>/<key>.created  destination only: we created this container, abort deletes it
@@ -213,13 +214,28 @@ impl NodeAgent {
         Ok(summaries)
     }
 
-    async fn checkpoint_one(
+    /// The records of containers to migrate (origin side), which the destination creates its
+    /// containers from ahead of their checkpoints ([`NodeAgent::prepare`]).
+    pub async fn describe(
         &self,
-        migration: &SafeName,
+        namespace: &str,
+        containers: &[String],
+    ) -> Result<Vec<ContainerInfo>, AgentError> {
+        let ns = safe("namespace", namespace)?;
+        let mut infos = Vec::new();
+        for id in containers {
+            let id = safe("container id", id)?;
+            infos.push(self.checkpointable(&ns, &id).await?);
+        }
+        Ok(infos)
+    }
+
+    /// The record of a container that our shim runs, so can checkpoint.
+    async fn checkpointable(
+        &self,
         ns: &SafeName,
         id: &SafeName,
-        dir: &Path,
-    ) -> Result<CheckpointSummary, AgentError> {
+    ) -> Result<ContainerInfo, AgentError> {
         let info = self.containerd.info(ns.as_str(), id.as_str()).await?;
         // Killing a container of another runtime would lose its state: only our shim turns the
         // kill into a checkpoint.
@@ -229,6 +245,17 @@ impl NodeAgent {
                 info.runtime, self.config.runtime
             )));
         }
+        Ok(info)
+    }
+
+    async fn checkpoint_one(
+        &self,
+        migration: &SafeName,
+        ns: &SafeName,
+        id: &SafeName,
+        dir: &Path,
+    ) -> Result<CheckpointSummary, AgentError> {
+        let info = self.checkpointable(ns, id).await?;
         let status = self
             .containerd
             .task_status(ns.as_str(), id.as_str())
@@ -246,7 +273,8 @@ impl NodeAgent {
         let mark = self.mark_path(&key);
         write_json(
             &mark,
-            &serde_json::json!({ "migration": migration.as_str() }),
+            // Not durable: the checkpoint is streamed away at once (see the shim's `Mark`).
+            &serde_json::json!({ "migration": migration.as_str(), "durable": false }),
         )?;
         info!(container_id = %id, migration = %migration, "checkpointing through the shim");
         if let Err(e) = self
@@ -260,20 +288,24 @@ impl NodeAgent {
                 reason: format!("{e} (the container keeps running)"),
             });
         }
-        self.wait_for(ns, id, "stop after its checkpoint", |s| {
-            matches!(s, None | Some(TaskStatus::Stopped))
-        })
-        .await?;
-        let checkpoint = self
-            .store
-            .pending(&identity)?
-            .ok_or_else(|| AgentError::Checkpoint {
-                container: id.to_string(),
-                reason: format!(
-                    "the task stopped but no checkpoint appeared in {}; did the shim see the mark?",
-                    self.store.path_for(&identity).display()
-                ),
-            })?;
+        // The shim's kill returns once the checkpoint is committed, its processes ended (CRIU's
+        // dump kills them; DMTCP's hook has exited): the checkpoint is what the downtime waits
+        // for, not containerd noting the exit a moment later (a rollback waits for that).
+        let mut pending = self.store.pending(&identity)?;
+        if pending.is_none() {
+            self.wait_for(ns, id, "stop after its checkpoint", |s| {
+                matches!(s, None | Some(TaskStatus::Stopped))
+            })
+            .await?;
+            pending = self.store.pending(&identity)?;
+        }
+        let checkpoint = pending.ok_or_else(|| AgentError::Checkpoint {
+            container: id.to_string(),
+            reason: format!(
+                "the task stopped but no checkpoint appeared in {}; did the shim see the mark?",
+                self.store.path_for(&identity).display()
+            ),
+        })?;
         Ok(CheckpointSummary {
             container: id.to_string(),
             bytes: checkpoint.files().iter().map(|f| f.size).sum(),
@@ -352,8 +384,60 @@ impl NodeAgent {
         Ok(out)
     }
 
-    /// Creates and starts every container received for `migration` with our runtime (the shim
-    /// restores each from its pending checkpoint) and waits until all run.
+    /// Destination side, before the origin checkpoints: creates the migration's containers (not
+    /// their tasks) with our runtime, so that creating them is not part of the downtime. The
+    /// restore starts their tasks once the checkpoints are here; an abort deletes them.
+    pub async fn prepare(
+        &self,
+        migration: &str,
+        containers: &[ContainerInfo],
+    ) -> Result<ActionReport, AgentError> {
+        let migration = safe("migration id", migration)?;
+        let mut report = ActionReport::default();
+        for info in containers {
+            let ns = safe("namespace", &info.namespace)?;
+            let id = safe("container id", &info.id)?;
+            self.record_received(&migration, info)?;
+            let identity = Self::identity(&ns, &id)?;
+            let created_marker = self
+                .migration_dir(&migration)
+                .join(format!("{}.created", identity.safe_key()));
+            self.ensure_created(info, &created_marker).await?;
+            report
+                .done
+                .push(format!("{id} created on {}", self.config.name));
+        }
+        Ok(report)
+    }
+
+    /// Creates the container of `info` unless this migration already did (`created_marker`);
+    /// one of that id that this migration did not create is a conflict.
+    async fn ensure_created(
+        &self,
+        info: &ContainerInfo,
+        created_marker: &Path,
+    ) -> Result<(), AgentError> {
+        if created_marker.exists() {
+            return Ok(());
+        }
+        match self.containerd.info(&info.namespace, &info.id).await {
+            Ok(_) => Err(AgentError::Conflict(format!(
+                "container {}/{} already exists on node {}; expected no container of that id",
+                info.namespace, info.id, self.config.name
+            ))),
+            Err(ContainerdError::NotFound { .. }) => {
+                fs::write(created_marker, b"")
+                    .map_err(io_err(format!("write {}", created_marker.display())))?;
+                self.containerd.create(info, &self.config.runtime).await?;
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Creates (unless [`NodeAgent::prepare`] did) and starts every container received for
+    /// `migration` with our runtime (the shim restores each from its pending checkpoint) and
+    /// waits until all run.
     pub async fn restore(&self, migration: &str) -> Result<ActionReport, AgentError> {
         let migration = safe("migration id", migration)?;
         let received = self.received(&migration)?;
@@ -367,21 +451,7 @@ impl NodeAgent {
         for (info, created_marker) in received {
             let ns = safe("namespace", &info.namespace)?;
             let id = safe("container id", &info.id)?;
-            match self.containerd.info(ns.as_str(), id.as_str()).await {
-                Ok(_) if created_marker.exists() => {}
-                Ok(_) => {
-                    return Err(AgentError::Conflict(format!(
-                        "container {ns}/{id} already exists on node {}; expected no container of that id",
-                        self.config.name
-                    )));
-                }
-                Err(ContainerdError::NotFound { .. }) => {
-                    fs::write(&created_marker, b"")
-                        .map_err(io_err(format!("write {}", created_marker.display())))?;
-                    self.containerd.create(&info, &self.config.runtime).await?;
-                }
-                Err(e) => return Err(e.into()),
-            }
+            self.ensure_created(&info, &created_marker).await?;
             info!(container_id = %id, migration = %migration, "starting restored container");
             self.containerd.start_task(ns.as_str(), id.as_str()).await?;
             self.wait_for(&ns, &id, "run after restore", |s| {
@@ -445,6 +515,14 @@ impl NodeAgent {
             let id = safe("container id", id)?;
             let identity = Self::identity(&ns, &id)?;
             remove_if_exists(&self.mark_path(&identity.safe_key()));
+            if self.store.pending(&identity)?.is_some() {
+                // Checkpointed, so its processes are gone: wait until containerd has noted
+                // the exit, lest a task still shown running be taken for one never stopped.
+                self.wait_for(&ns, &id, "stop after its checkpoint", |s| {
+                    matches!(s, None | Some(TaskStatus::Stopped))
+                })
+                .await?;
+            }
             match self
                 .containerd
                 .task_status(ns.as_str(), id.as_str())

@@ -13,7 +13,7 @@ use axum::{Json, response::IntoResponse};
 use crate::agent::NodeAgent;
 use crate::auth::{Token, require_token};
 use crate::http::{ApiError, parse_json};
-use crate::protocol::{ContainersRequest, ResolveRequest, SendRequest};
+use crate::protocol::{ContainersRequest, PrepareRequest, ResolveRequest, SendRequest};
 
 /// What the agent routes share.
 #[derive(Clone)]
@@ -34,6 +34,8 @@ pub fn router(state: AgentState) -> Router {
     let token = state.token.clone();
     Router::new()
         .route("/agent/v1/resolve", post(resolve))
+        .route("/agent/v1/describe", post(describe))
+        .route("/agent/v1/prepare", post(prepare))
         .route("/agent/v1/checkpoint", post(checkpoint))
         .route("/agent/v1/send", post(send))
         .route("/agent/v1/receive/{migration}", post(receive))
@@ -51,6 +53,23 @@ async fn resolve(State(s): State<AgentState>, body: Bytes) -> Result<impl IntoRe
         r#"{"namespace":"<ns>","target":{"kind":"deployment|pod|container","name":"<name>"}}"#,
     )?;
     Ok(Json(s.agent.resolve(&req.namespace, &req.target).await?))
+}
+
+async fn describe(State(s): State<AgentState>, body: Bytes) -> Result<impl IntoResponse, ApiError> {
+    let req: ContainersRequest = parse_json(&body, CONTAINERS)?;
+    Ok(Json(
+        s.agent.describe(&req.namespace, &req.containers).await?,
+    ))
+}
+
+async fn prepare(State(s): State<AgentState>, body: Bytes) -> Result<impl IntoResponse, ApiError> {
+    let req: PrepareRequest = parse_json(
+        &body,
+        r#"{"migration":"<id>","containers":[<container record from /agent/v1/describe>,...]}"#,
+    )?;
+    Ok(Json(
+        s.agent.prepare(&req.migration, &req.containers).await?,
+    ))
 }
 
 async fn checkpoint(

@@ -18,7 +18,7 @@ use crate::kube::KubeApi;
 use crate::kube::migrate::KubeSettings;
 use crate::migration::{Migration, Phase, Target};
 use crate::node_client::{NodeApi, NodeCallError};
-use crate::protocol::{ContainersRequest, ResolveRequest, SendRequest};
+use crate::protocol::{ContainersRequest, PrepareRequest, ResolveRequest, SendRequest};
 use crate::registry::{NodeInfo, PodInfo, Registry, normalise_address};
 
 /// `POST /migrate`.
@@ -98,12 +98,6 @@ pub struct Controller {
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock leaves plain data behind; keep serving it.
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// How far a migration got before it failed, which decides the recovery.
-enum Stage {
-    Checkpoint,
-    AfterCheckpoint,
 }
 
 impl Controller {
@@ -335,14 +329,9 @@ impl Controller {
                     .migration(id)
                     .map(|m| m.phase)
                     .unwrap_or(Phase::Pending);
-                let stage = if phase <= Phase::Checkpointing {
-                    Stage::Checkpoint
-                } else {
-                    Stage::AfterCheckpoint
-                };
-                Err((
-                    stage,
-                    format!("timed out after {timeout:?} while {}", phase.as_str()),
+                Err(format!(
+                    "timed out after {timeout:?} while {}",
+                    phase.as_str()
                 ))
             }
         };
@@ -358,7 +347,7 @@ impl Controller {
                 self.advance(id, Phase::Done);
                 info!(migration = %id, "migration done");
             }
-            Err((stage, reason)) => self.recover(id, origin, dest, &req, stage, reason).await,
+            Err(reason) => self.recover(id, origin, dest, &req, reason).await,
         }
     }
 
@@ -368,13 +357,30 @@ impl Controller {
         origin: &NodeInfo,
         dest: &NodeInfo,
         req: &ContainersRequest,
-    ) -> Result<(), (Stage, String)> {
+    ) -> Result<(), String> {
+        // The destination creates the containers now, while they still run on the origin:
+        // creating them is then no part of the downtime.
+        let infos = self
+            .nodes_api
+            .describe(origin, req)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.nodes_api
+            .prepare(
+                dest,
+                &PrepareRequest {
+                    migration: req.migration.clone(),
+                    containers: infos,
+                },
+            )
+            .await
+            .map_err(|e| e.to_string())?;
         self.advance(id, Phase::Checkpointing);
         let summaries = self
             .nodes_api
             .checkpoint(origin, req)
             .await
-            .map_err(|e| (Stage::Checkpoint, e.to_string()))?;
+            .map_err(|e| e.to_string())?;
         let bytes = summaries.iter().map(|s| s.bytes).sum();
         self.update(id, |m| m.checkpoint_bytes = bytes);
         self.advance(id, Phase::Transferring);
@@ -390,13 +396,13 @@ impl Controller {
                 },
             )
             .await
-            .map_err(|e| (Stage::AfterCheckpoint, e.to_string()))?;
+            .map_err(|e| e.to_string())?;
         self.update(id, |m| m.bytes_transferred = sent.wire_bytes);
         self.advance(id, Phase::Restoring);
         self.nodes_api
             .restore(dest, req)
             .await
-            .map_err(|e| (Stage::AfterCheckpoint, e.to_string()))?;
+            .map_err(|e| e.to_string())?;
         self.update(id, Migration::mark_running_again);
         Ok(())
     }
@@ -407,7 +413,6 @@ impl Controller {
         origin: &NodeInfo,
         dest: &NodeInfo,
         req: &ContainersRequest,
-        stage: Stage,
         reason: String,
     ) {
         warn!(migration = %id, %reason, "migration failed; recovering");
@@ -427,14 +432,14 @@ impl Controller {
                 false
             }
         };
-        if matches!(stage, Stage::AfterCheckpoint) {
-            match self.nodes_api.abort(dest, req).await {
-                Ok(report) if report.done.is_empty() => {
-                    recovery.push(format!("nothing to clean on {}", dest.name));
-                }
-                Ok(report) => recovery.extend(report.done),
-                Err(e) => recovery.push(format!("cleaning the destination failed: {e}")),
+        // Whatever failed, the destination may hold containers created ahead of the
+        // checkpoint, or received data.
+        match self.nodes_api.abort(dest, req).await {
+            Ok(report) if report.done.is_empty() => {
+                recovery.push(format!("nothing to clean on {}", dest.name));
             }
+            Ok(report) => recovery.extend(report.done),
+            Err(e) => recovery.push(format!("cleaning the destination failed: {e}")),
         }
         self.update(id, |m| {
             if let Err(e) = m.fail(reason, recovery, restored) {

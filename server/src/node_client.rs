@@ -8,10 +8,11 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::auth::Token;
+use crate::containerd::ContainerInfo;
 use crate::kube::{KubeSendRequest, WorkloadStatus, WorkloadsRequest};
 use crate::protocol::{
-    ActionReport, CheckpointSummary, ContainersRequest, ErrorBody, ResolveRequest, SendRequest,
-    TransferSummary,
+    ActionReport, CheckpointSummary, ContainersRequest, ErrorBody, PrepareRequest, ResolveRequest,
+    SendRequest, TransferSummary,
 };
 use crate::registry::NodeInfo;
 use crate::transfer::error_chain;
@@ -39,6 +40,18 @@ pub trait NodeApi: Send + Sync {
         node: &NodeInfo,
         req: &ResolveRequest,
     ) -> Result<Vec<String>, NodeCallError>;
+    /// The containers' records (origin).
+    async fn describe(
+        &self,
+        node: &NodeInfo,
+        req: &ContainersRequest,
+    ) -> Result<Vec<ContainerInfo>, NodeCallError>;
+    /// Create the containers ahead of their checkpoints (destination).
+    async fn prepare(
+        &self,
+        node: &NodeInfo,
+        req: &PrepareRequest,
+    ) -> Result<ActionReport, NodeCallError>;
     /// Checkpoint (stops the containers).
     async fn checkpoint(
         &self,
@@ -183,6 +196,20 @@ impl NodeApi for HttpNodes {
         req: &ResolveRequest,
     ) -> Result<Vec<String>, NodeCallError> {
         self.post(node, "resolve", req, false).await
+    }
+    async fn describe(
+        &self,
+        node: &NodeInfo,
+        req: &ContainersRequest,
+    ) -> Result<Vec<ContainerInfo>, NodeCallError> {
+        self.post(node, "describe", req, false).await
+    }
+    async fn prepare(
+        &self,
+        node: &NodeInfo,
+        req: &PrepareRequest,
+    ) -> Result<ActionReport, NodeCallError> {
+        self.post(node, "prepare", req, false).await
     }
     async fn checkpoint(
         &self,

@@ -13,7 +13,7 @@ pub struct ResolveRequest {
     pub target: Target,
 }
 
-/// `POST /agent/v1/{checkpoint,restore,rollback,finish,abort}`.
+/// `POST /agent/v1/{describe,checkpoint,restore,rollback,finish,abort}`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ContainersRequest {
     /// The migration this belongs to.
@@ -22,6 +22,16 @@ pub struct ContainersRequest {
     pub namespace: String,
     /// Container ids (unused by restore and abort, which act on what was received).
     pub containers: Vec<String>,
+}
+
+/// `POST /agent/v1/prepare`: create, on the destination, the containers of a migration ahead
+/// of their checkpoints (their records as the origin's `POST /agent/v1/describe` gave them).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PrepareRequest {
+    /// The migration.
+    pub migration: String,
+    /// The containers to create.
+    pub containers: Vec<crate::containerd::ContainerInfo>,
 }
 
 /// `POST /agent/v1/send`: stream the migration's checkpoints to another agent.

@@ -16,7 +16,7 @@ use mig_server::containerd::{ContainerInfo, Containerd, ContainerdError, TaskSta
 use mig_server::controller::{Controller, ControllerConfig};
 use mig_server::node_client::HttpNodes;
 use serde_json::{Value, json};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TOKEN: &str = "test-token-0123456789";
 const RUNTIME: &str = "io.containerd.mig.v2";
@@ -538,8 +538,8 @@ async fn second_migration_of_the_same_workload_is_409() {
     assert_eq!(s3, 202);
 }
 
-/// A destination that dies after taking part of the stream: reads a little, then drops every
-/// connection.
+/// A destination that dies after taking part of the stream: it accepts the containers created
+/// ahead (`prepare`), then reads a little of every other request and drops the connection.
 async fn dying_destination() -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -548,6 +548,18 @@ async fn dying_destination() -> String {
     tokio::spawn(async move {
         while let Ok((mut conn, _)) = listener.accept().await {
             let mut buf = vec![0u8; 64 * 1024];
+            let mut head = vec![0u8; 64];
+            if conn.read_exact(&mut head).await.is_ok()
+                && String::from_utf8_lossy(&head).starts_with("POST /agent/v1/prepare ")
+            {
+                let body = r#"{"done":[]}"#;
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(answer.as_bytes()).await;
+                continue;
+            }
             // Small requests (the abort) get no answer either, without hanging the caller.
             let _ =
                 tokio::time::timeout(Duration::from_millis(300), conn.read_exact(&mut buf)).await;
@@ -555,6 +567,41 @@ async fn dying_destination() -> String {
         }
     });
     format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn unreachable_destination_fails_before_the_workload_stops() {
+    let c = cluster().await;
+    // A port nothing listens on.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let (s, _) = c
+        .post(
+            "/register",
+            &json!({"name": "node03", "address": format!("http://{closed}")}).to_string(),
+            Some(TOKEN),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let (_, body) = c.migrate(counter_to("node03")).await;
+    let m = c.wait_terminal(body["id"].as_str().expect("id")).await;
+    assert_eq!(m["phase"], "failed", "{m}");
+    assert_eq!(m["failure"]["phase"], "pending", "{m}");
+    let reason = m["failure"]["reason"].as_str().expect("reason");
+    assert!(
+        reason.contains("node03") && reason.contains("prepare"),
+        "{reason}"
+    );
+    assert!(m["downtimeMs"].is_null(), "{m}");
+    assert_eq!(c.origin.status("counter"), Some(Some(TaskStatus::Running)));
+    assert!(
+        !c.origin.calls().iter().any(|call| call.starts_with("kill")),
+        "the origin was stopped: {:?}",
+        c.origin.calls()
+    );
 }
 
 #[tokio::test]
@@ -637,5 +684,16 @@ async fn checkpoint_failure_leaves_the_workload_running() {
         dir_is_empty(&c.origin.state_dir.join("marks")),
         "mark left behind"
     );
-    assert_eq!(c.dest.calls(), Vec::<String>::new());
+    // The destination created the container ahead, and deleted it again; it never ran.
+    let calls = c.dest.calls();
+    assert!(
+        calls.contains(&format!("create counter {RUNTIME}")),
+        "{calls:?}"
+    );
+    assert!(
+        !calls.iter().any(|call| call.starts_with("start")),
+        "{calls:?}"
+    );
+    assert_eq!(c.dest.status("counter"), None, "{calls:?}");
+    assert!(dir_is_empty(&c.dest.state_dir.join("migrations")));
 }

@@ -20,6 +20,7 @@ pub mod shim;
 pub mod stats;
 pub mod task;
 pub mod workload;
+pub mod writeback;
 
 /// This build's version and git revision.
 pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "+", env!("MIG_GIT_REVISION"));

@@ -61,7 +61,7 @@ pub struct NodeConfig {
 }
 
 /// A migration mark: the node agent asks that the next stop of a workload checkpoint it first.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Mark {
     /// The migration that asked for it.
     #[serde(default)]
@@ -69,6 +69,16 @@ pub struct Mark {
     /// Stop the workload even when its checkpoint fails.
     #[serde(default)]
     pub force: bool,
+    /// Make the checkpoint's data durable (fsync, right after the stop: `crate::writeback`).
+    /// The node agent sets it false for a migration: the checkpoint is streamed away at once
+    /// and only has to outlive the migration, within this boot; flushing it would compete
+    /// with the transfer for the disk and the CPU.
+    #[serde(default = "durable_by_default")]
+    pub durable: bool,
+}
+
+fn durable_by_default() -> bool {
+    true
 }
 
 impl NodeConfig {
@@ -220,9 +230,13 @@ mod tests {
         let mark = Mark {
             migration: "m-1".into(),
             force: false,
+            durable: false,
         };
         node.set_mark(&id, &mark).unwrap();
         assert_eq!(node.mark(&id).unwrap(), Some(mark));
+        // A mark that does not say is durable (what an older agent wrote).
+        std::fs::write(node.mark_path(&id), r#"{"migration":"m-2"}"#).unwrap();
+        assert!(node.mark(&id).unwrap().unwrap().durable);
         let mode = std::fs::metadata(node.mark_path(&id))
             .unwrap()
             .permissions()

@@ -126,6 +126,8 @@ impl Shim for MigShim {
 
     async fn wait(&mut self) {
         self.exit.wait().await;
+        // A checkpoint's data still on its way to the disk keeps the shim.
+        let _ = tokio::task::spawn_blocking(crate::writeback::wait_all).await;
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {

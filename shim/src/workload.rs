@@ -389,15 +389,23 @@ impl Workload {
     /// out, and what an operator sends to end a container; refusing it would leave a pod
     /// Terminating forever (e.g. once its sandbox is gone and no checkpoint can succeed). A
     /// SIGTERM with a failed checkpoint is refused and the container keeps running.
-    pub fn stop_needs_checkpoint(&self, signal: u32) -> Result<Option<bool>> {
+    pub fn stop_needs_checkpoint(&self, signal: u32) -> Result<Option<StopCheckpoint>> {
         let sigkill = signal == libc::SIGKILL as u32;
         if signal != libc::SIGTERM as u32 && !sigkill {
             return Ok(None);
         }
         if let Some(mark) = self.node.mark(&self.identity)? {
-            return Ok(Some(mark.force || sigkill));
+            return Ok(Some(StopCheckpoint {
+                force: mark.force || sigkill,
+                durable: mark.durable,
+            }));
         }
-        Ok(self.checkpoint_on_stop.then_some(sigkill))
+        // The annotation's checkpoint may wait for a long time (until the workload is
+        // created again): it is made durable.
+        Ok(self.checkpoint_on_stop.then_some(StopCheckpoint {
+            force: sigkill,
+            durable: true,
+        }))
     }
 
     /// Checkpoints the running container into the node's store for a stop: afterwards its
@@ -409,6 +417,9 @@ impl Workload {
     /// (status 137); the caller should wait for that exit rather than signal it. A failure
     /// says whether the processes were already stopped: before the engine stopped them
     /// nothing is installed in the store and the container keeps running.
+    ///
+    /// The checkpoint is installed without waiting for its data to reach the disk; the caller
+    /// decides whether it must become durable ([`crate::writeback`]).
     pub async fn checkpoint(
         &self,
         id: &str,
@@ -426,6 +437,7 @@ impl Workload {
         let mut writer = store
             .begin(&self.identity)
             .map_err(|e| running(Error::Other(format!("start a checkpoint of {id}: {e}"))))?;
+        writer.set_durable(false);
         let images = writer
             .images_dir()
             .map_err(|e| running(Error::Other(format!("checkpoint of {id}: {e}"))))?;
@@ -438,8 +450,12 @@ impl Workload {
                     file_locks: true,
                     ..Default::default()
                 };
+                writer
+                    .hash_images_while_written()
+                    .map_err(|e| running(Error::Other(format!("checkpoint of {id}: {e}"))))?;
                 // A failed dump leaves the processes running (CRIU resumes them).
                 runtime.checkpoint(id, &opts).await.map_err(running)?;
+                writer.images_written();
             }
             Engine::Dmtcp { dirs, .. } => {
                 let socket = dirs.ctl_socket();
@@ -561,11 +577,15 @@ impl Workload {
             return;
         };
         let dir = ckpt.dir().to_path_buf();
-        if let Err(e) = self.node.store().and_then(|s| {
-            s.consume(ckpt)
+        match self.node.store().and_then(|s| {
+            s.consume_detached(ckpt)
                 .map_err(|e| Error::Other(format!("consume {}: {e}", dir.display())))
         }) {
-            tracing::warn!(error = %e, "restored, but the checkpoint could not be removed");
+            // Out of the workload's place at once; its data is deleted after the start.
+            Ok(doomed) => crate::writeback::remove_later(doomed),
+            Err(e) => {
+                tracing::warn!(error = %e, "restored, but the checkpoint could not be removed")
+            }
         }
     }
 
@@ -573,6 +593,15 @@ impl Workload {
     pub fn remove_scratch(&self) {
         let _ = std::fs::remove_dir_all(&self.scratch);
     }
+}
+
+/// How a stop must checkpoint first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StopCheckpoint {
+    /// Stop even when the checkpoint fails.
+    pub force: bool,
+    /// Make the checkpoint's data durable (right after the stop, see [`crate::writeback`]).
+    pub durable: bool,
 }
 
 /// A checkpoint for a stop that failed.
@@ -723,6 +752,10 @@ mod tests {
         );
     }
 
+    fn stop(force: bool, durable: bool) -> StopCheckpoint {
+        StopCheckpoint { force, durable }
+    }
+
     #[test]
     fn sigterm_checkpoints_strictly_and_sigkill_forces() {
         let dir = tempfile::tempdir().unwrap();
@@ -735,16 +768,26 @@ mod tests {
         );
         assert_eq!(w.stop_needs_checkpoint(kill).unwrap(), None);
         w.checkpoint_on_stop = true;
-        assert_eq!(w.stop_needs_checkpoint(term).unwrap(), Some(false));
-        assert_eq!(w.stop_needs_checkpoint(kill).unwrap(), Some(true));
+        assert_eq!(
+            w.stop_needs_checkpoint(term).unwrap(),
+            Some(stop(false, true))
+        );
+        assert_eq!(
+            w.stop_needs_checkpoint(kill).unwrap(),
+            Some(stop(true, true))
+        );
         assert_eq!(w.stop_needs_checkpoint(libc::SIGINT as u32).unwrap(), None);
         w.checkpoint_on_stop = false;
         let mark = crate::node::Mark {
             migration: "m1".into(),
             force: false,
+            durable: false,
         };
         w.node.set_mark(&w.identity, &mark).unwrap();
-        assert_eq!(w.stop_needs_checkpoint(term).unwrap(), Some(false));
+        assert_eq!(
+            w.stop_needs_checkpoint(term).unwrap(),
+            Some(stop(false, false))
+        );
         w.node.clear_mark(&w.identity);
         assert_eq!(w.stop_needs_checkpoint(term).unwrap(), None);
     }

@@ -61,7 +61,9 @@ impl NodeAgent {
                     // A checkpoint left from an earlier attempt must not pass for this one.
                     self.store.remove(&id)?;
                     let tmp = mark.with_extension("json.tmp");
-                    let body = serde_json::json!({"migration": migration.as_str()}).to_string();
+                    let body =
+                        serde_json::json!({"migration": migration.as_str(), "durable": false})
+                            .to_string();
                     let write = || -> io::Result<()> {
                         let mut f = OpenOptions::new()
                             .write(true)

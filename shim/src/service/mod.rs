@@ -47,7 +47,7 @@ use crate::{
     process::{self, Exit, Process, Status},
     runc::{CheckpointOpts, Runtime},
     stats,
-    workload::{self, Workload},
+    workload::{self, StopCheckpoint, Workload},
 };
 
 /// Makes the runc for a container from its runtime options. The real one builds a

@@ -11,12 +11,12 @@ impl Service {
         let p = c.process(exec_id)?;
         p.ensure_alive("signal")?;
         if exec_id.is_empty() {
-            let force = match &c.workload {
+            let how = match &c.workload {
                 Some(w) if c.init.status == Status::Running => w.stop_needs_checkpoint(signal)?,
                 _ => None,
             };
-            if let (Some(force), Some(w)) = (force, &c.workload) {
-                return self.checkpoint_then_stop(&c, w, signal, all, force).await;
+            if let (Some(how), Some(w)) = (how, &c.workload) {
+                return self.checkpoint_then_stop(&c, w, signal, all, how).await;
             }
             return c.runtime.kill(id, signal, all).await;
         }
@@ -46,12 +46,16 @@ impl Service {
         w: &Workload,
         signal: u32,
         all: bool,
-        force: bool,
+        how: StopCheckpoint,
     ) -> Result<()> {
         let started = std::time::Instant::now();
+        let force = how.force;
         match w.checkpoint(&c.id, c.runtime.as_ref()).await {
             Ok(ckpt) => {
                 tracing::info!(container_id = %c.id, checkpoint = %ckpt.dir().display(), engine = %ckpt.engine(), elapsed_ms = started.elapsed().as_millis() as u64, "checkpointed before stop");
+                if how.durable {
+                    crate::writeback::sync_later(ckpt);
+                }
                 w.node.clear_mark(&w.identity);
                 if w.engine.kind() == EngineKind::Criu {
                     // CRIU has already stopped the container's processes.
