@@ -346,6 +346,37 @@ impl NodeAgent {
             .map_err(|e| AgentError::BadRequest(format!("corrupt record {}: {e}", path.display())))
     }
 
+    /// Destination side, when a checkpoint arrives: a container created ahead for it
+    /// ([`NodeAgent::prepare`]) must have been created from the same record as the one the
+    /// stream carries, which the stream's checksum protects (the prepare request has only
+    /// TCP's). A damaged record would otherwise have created a different container.
+    pub(crate) fn check_prepared(
+        &self,
+        migration: &SafeName,
+        info: &ContainerInfo,
+    ) -> Result<(), AgentError> {
+        let identity = WorkloadIdentity::container(info.namespace.as_str(), info.id.as_str())?;
+        let path = self
+            .migration_dir(migration)
+            .join(format!("{}.json", identity.safe_key()));
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_err(format!("read {}", path.display()))(e)),
+        };
+        let prepared: ContainerInfo = serde_json::from_slice(&bytes).map_err(|e| {
+            AgentError::BadRequest(format!("corrupt record {}: {e}", path.display()))
+        })?;
+        if &prepared != info {
+            return Err(AgentError::Conflict(format!(
+                "container {}/{} was created ahead from a record that differs from the one its \
+                 checkpoint carries (damaged in transit?); expected the same record",
+                info.namespace, info.id
+            )));
+        }
+        Ok(())
+    }
+
     /// Records a received container (destination side).
     pub(crate) fn record_received(
         &self,
@@ -408,6 +439,52 @@ impl NodeAgent {
                 .push(format!("{id} created on {}", self.config.name));
         }
         Ok(report)
+    }
+
+    /// At startup: aborts the migrations this node was the destination of whose containers,
+    /// created ahead ([`NodeAgent::prepare`]), never got a task: an agent that restarts
+    /// mid-migration was most likely killed during it, and no controller will abort them for
+    /// it (nor would a stale received checkpoint be left to restore a later container of the
+    /// workload). Should the migration go on, its restore finds nothing and it rolls back on
+    /// the origin. A migration with a restored container, and the origin's records (no
+    /// container created there), are left alone.
+    pub async fn remove_unstarted_prepared(&self) {
+        let root = self.config.state_dir.join("migrations");
+        let Ok(entries) = fs::read_dir(&root) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let Ok(migration) = safe("migration id", &entry.file_name().to_string_lossy()) else {
+                continue;
+            };
+            let Ok(received) = self.received(&migration) else {
+                continue;
+            };
+            let mut destination = false;
+            let mut started = false;
+            for (info, created_marker) in &received {
+                if created_marker.exists() {
+                    destination = true;
+                    if !matches!(
+                        self.containerd.task_status(&info.namespace, &info.id).await,
+                        Ok(None)
+                    ) {
+                        started = true;
+                    }
+                }
+            }
+            if !destination || started {
+                continue;
+            }
+            match self.abort(migration.as_str()).await {
+                Ok(report) => {
+                    info!(migration = %migration, done = ?report.done, "aborted a migration interrupted by a restart")
+                }
+                Err(e) => {
+                    warn!(migration = %migration, error = %e, "cannot abort a migration interrupted by a restart")
+                }
+            }
+        }
     }
 
     /// Creates the container of `info` unless this migration already did (`created_marker`);

@@ -156,6 +156,7 @@ async fn serve(args: ServeArgs, token: Token) -> Result<()> {
             Arc::new(ctr),
         )
         .with_context(|| format!("opening the state dir {}", args.state_dir.display()))?;
+        agent.remove_unstarted_prepared().await;
         Some(AgentState {
             agent: Arc::new(agent),
             http: http.clone(),

@@ -194,6 +194,7 @@ impl NodeAgent {
         })
         .await
         .map_err(|e| AgentError::Peer(format!("receiver thread failed: {e}")))??;
+        self.check_prepared(&migration, &received.info)?;
         self.record_received(&migration, &received.info)?;
         info!(container_id = %received.info.id, migration = %migration,
               raw = received.stats.raw_bytes, wire = received.stats.wire_bytes, "checkpoint received");

@@ -233,6 +233,8 @@ impl Containerd for FakeContainerd {
 
 struct Cluster {
     controller_url: String,
+    origin_url: String,
+    dest_url: String,
     origin: Arc<FakeContainerd>,
     dest: Arc<FakeContainerd>,
     http: reqwest::Client,
@@ -304,6 +306,8 @@ async fn cluster() -> Cluster {
     origin.add_running("counter", "counter");
     Cluster {
         controller_url,
+        origin_url,
+        dest_url,
         origin,
         dest,
         http,
@@ -322,6 +326,20 @@ impl Cluster {
             req = req.bearer_auth(t);
         }
         let r = req.send().await.expect("send");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// A node agent's call, as the controller makes it.
+    async fn agent_call(&self, agent_url: &str, op: &str, body: Value) -> (u16, Value) {
+        let r = self
+            .http
+            .post(format!("{agent_url}/agent/v1/{op}"))
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .expect("send");
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null))
     }
@@ -696,4 +714,39 @@ async fn checkpoint_failure_leaves_the_workload_running() {
     );
     assert_eq!(c.dest.status("counter"), None, "{calls:?}");
     assert!(dir_is_empty(&c.dest.state_dir.join("migrations")));
+}
+
+#[tokio::test]
+async fn a_container_created_ahead_from_another_record_is_refused_when_its_checkpoint_arrives() {
+    let c = cluster().await;
+    let req = json!({"migration": "m-1", "namespace": NS, "containers": ["counter"]});
+    let (s, infos) = c.agent_call(&c.origin_url, "describe", req.clone()).await;
+    assert_eq!(s, 200, "{infos}");
+    // The record the destination creates the container from, damaged on its way.
+    let mut info = infos[0].clone();
+    info["image"] = json!("docker.io/library/other:1");
+    let (s, body) = c
+        .agent_call(
+            &c.dest_url,
+            "prepare",
+            json!({"migration": "m-1", "containers": [info]}),
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+    let (s, body) = c.agent_call(&c.origin_url, "checkpoint", req.clone()).await;
+    assert_eq!(s, 200, "{body}");
+    let mut send = req.clone();
+    send["destination"] = json!(c.dest_url);
+    let (s, body) = c.agent_call(&c.origin_url, "send", send).await;
+    assert!(s >= 400, "{s} {body}");
+    let error = body["error"].as_str().expect("error");
+    assert!(
+        error.contains("differs from the one its checkpoint carries"),
+        "{error}"
+    );
+    // What the controller does next: the destination's container and data go.
+    let (s, body) = c.agent_call(&c.dest_url, "abort", req).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(c.dest.status("counter"), None);
+    assert!(dir_is_empty(&c.dest.state_dir.join("checkpoints")));
 }

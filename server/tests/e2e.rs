@@ -268,8 +268,9 @@ fn wait_terminal(netns: &str, id: &str) -> Value {
 }
 
 /// A TCP proxy in network namespace `netns` from `listen` to `upstream` that sabotages the
-/// client-to-server direction at byte `at`: flips it, or (with `kill`) kills `victim` (the
-/// destination agent) and closes the connection.
+/// checkpoint stream (the `/agent/v1/receive` request; other requests, such as the `prepare`
+/// before it on the same kept-alive connection, pass untouched) at its byte `at`: flips it, or
+/// (with `victim`) kills the destination agent and closes the connection.
 fn proxy(
     netns: &str,
     listen: &'static str,
@@ -303,13 +304,21 @@ fn proxy(
                 let _ = std::io::copy(&mut s_read, &mut c_write);
             });
             thread::spawn(move || {
+                const MARK: &[u8] = b"POST /agent/v1/receive/";
                 let mut seen = 0usize;
+                // Absolute offset of the byte to sabotage, once the stream's request began.
+                let mut target: Option<usize> = None;
                 let mut buf = vec![0u8; 16384];
                 while let Ok(n) = c_read.read(&mut buf) {
                     if n == 0 {
                         break;
                     }
-                    if seen <= at && at < seen + n {
+                    if target.is_none()
+                        && let Some(i) = buf[..n].windows(MARK.len()).position(|w| w == MARK)
+                    {
+                        target = Some(seen + i + at);
+                    }
+                    if let Some(at) = target.filter(|&t| seen <= t && t < seen + n) {
                         if let Some(pid) = victim {
                             // SAFETY: plain kill(2) of the agent this test started.
                             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
