@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Checkpoint and restore times of the shim's CRIU engine (checkpoint on stop into the node's
-# store, restore on create from it) next to the floor measured in the same run: plain
-# `runc checkpoint` / `runc restore` by hand on the same program and memory size.
+# Checkpoint and restore times of the shim's engines (checkpoint on stop into the node's
+# store, restore on create from it) next to the floor measured in the same run, by hand on the
+# same program and memory size: for CRIU plain `runc checkpoint` / `runc restore`; for DMTCP
+# (a `dmtcp` row per size, when DMTCP is installed: dmtcp_launch on PATH, or MIG_DMTCP_DIR
+# set to its install dir) DMTCP run on the host, with the options the restore-hook uses.
 #
 #   sudo scripts/bench-checkpoint.sh [SIZES_MIB...]      (default: 16 256 1024)
 #
@@ -16,6 +18,25 @@
 # Every timed step starts after a `sync`, for the floor and the shim alike: the shim makes a
 # checkpoint for a stop durable right after the stop (in the background, see
 # shim/src/writeback.rs), and a step should not pay for the previous one's disk writes.
+#
+# The dmtcp rows. DMTCP cannot wrap a static program, so they run memhog dynamically linked
+# (scripts/bench/memhog-tickpath.c), in an image of its own with the libraries it needs, under
+# the annotation mig.dev/engine=dmtcp (the container created again for the restore has it too:
+# a checkpoint is restored by the engine that made it). The floor runs the same binary on the
+# host with the restore-hook's DMTCP options (restore-hook/src/dmtcp.rs): a coordinator of its
+# own (--coord-port 0 --port-file, --ckptdir), `dmtcp_launch --join-coordinator --ckptdir
+# --no-gzip --ckpt-signal SIGRTMAX-2`, `dmtcp_restart --join-coordinator --ckptdir IMAGES`.
+#   - Checkpoint: `dmtcp_command -kc` (checkpoint, then end the program) until the checkpoint
+#     is complete and the program gone. That command does not wait for the checkpoint in DMTCP
+#     4.2.0, so the floor waits as the hook does for `ctr task kill` (restore-hook/src/
+#     control.rs, checkpoint_stop): until the coordinator's restart script lists every image,
+#     the program has exited and the coordinator counts no peer.
+#   - Restore: until the program runs again, i.e. its tick file changes, for the floor
+#     (`dmtcp_restart` in the background) and the shim alike: `ctr task start -d` returns once
+#     the restore-hook (the container's init) runs, before its `dmtcp_restart` has restored the
+#     program. For the same reason the dmtcp row's plain start is timed until the new
+#     container's tick file appears. These times include up to one tick (100 ms) of memhog's
+#     sleep unless the restart cuts it short: a bias common to the floor and the shim.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=lib/nodes.sh
@@ -30,10 +51,19 @@ cargo build --release --locked -p mig-shim --quiet --manifest-path "$ROOT/Cargo.
 W=$(mktemp -d /tmp/mig-bench-XXXXXX)
 cleanup() {
     set +e
+    # Measuring subshells still running (the script was cut short): end them first, so that
+    # none carries on against what is cleaned up below.
+    for p in $(pgrep -P $$); do [ "$p" = "${CTR_PID:-}" ] || kill "$p" 2>/dev/null; done
     [ -n "${CTR_PID:-}" ] && { $CTR t ls -q 2>/dev/null | xargs -r -n1 $CTR t kill -s KILL; sleep 0.5; }
     for c in $($CTR c ls -q 2>/dev/null); do $CTR t rm -f "$c" >/dev/null 2>&1; $CTR c rm "$c" >/dev/null 2>&1; done
     [ -n "${CTR_PID:-}" ] && kill "$CTR_PID" && wait "$CTR_PID" 2>/dev/null
     runc --root "$W/runc" list -q 2>/dev/null | xargs -r -n1 runc --root "$W/runc" delete -f
+    # DMTCP floor runs cut short: their computations, then their coordinators and programs.
+    for d in "$W"/dmtcp-floor-*; do
+        [ -f "$d/port" ] && "$DMTCP_DIR/bin/dmtcp_command" --coord-host 127.0.0.1 \
+            --coord-port "$(cat "$d/port")" -k >/dev/null 2>&1
+        [ -f "$d/pids" ] && xargs -r kill -KILL <"$d/pids" 2>/dev/null
+    done
     grep -o " ${W}[^ ]*" /proc/self/mountinfo | sort -r | xargs -r -n1 umount -l
     [ -n "${KEEP:-}" ] || rm -rf "$W"
 }
@@ -47,11 +77,31 @@ mkdir -p "$W/rootfs"
 gcc -O2 -static -o "$W/rootfs/memhog" "$ROOT/scripts/bench/memhog.c"
 oci_image "$W/rootfs" docker.io/library/memhog:bench '{"Cmd":["/memhog"]}' "$W/memhog.tar"
 
+# DMTCP's install dir (MIG_DMTCP_DIR, else the one of the dmtcp_launch on PATH), if any. It is
+# exported as MIG_DMTCP_DIR so that the shims of the node started below find it too.
+DMTCP_DIR=${MIG_DMTCP_DIR:-}
+if [ -z "$DMTCP_DIR" ] && command -v dmtcp_launch >/dev/null; then
+    DMTCP_DIR=$(dirname "$(dirname "$(readlink -f "$(command -v dmtcp_launch)")")")
+fi
+if [ -n "$DMTCP_DIR" ]; then
+    [ -x "$DMTCP_DIR/bin/dmtcp_launch" ] || { echo "bench-checkpoint.sh: no bin/dmtcp_launch in $DMTCP_DIR" >&2; exit 1; }
+    export MIG_DMTCP_DIR=$DMTCP_DIR
+    # The DMTCP image: memhog dynamically linked, with the libraries ldd lists at their paths.
+    mkdir -p "$W/rootfs-dyn"
+    gcc -O2 -o "$W/rootfs-dyn/memhog" "$ROOT/scripts/bench/memhog-tickpath.c"
+    for lib in $(ldd "$W/rootfs-dyn/memhog" | grep -o '/[^ ]*'); do
+        mkdir -p "$W/rootfs-dyn$(dirname "$lib")"
+        cp -L "$lib" "$W/rootfs-dyn$lib"
+    done
+    oci_image "$W/rootfs-dyn" docker.io/library/memhog-dyn:bench '{"Cmd":["/memhog"]}' "$W/memhog-dyn.tar"
+fi
+
 # A private containerd whose shims are the ones just built, with its own state dir.
 PATH="$ROOT/target/release:$PATH" start_node "$W"
 CTR_PID=$NODE_PID
 CTR="ctr -a $W/containerd.sock -n bench"
 $CTR images import "$W/memhog.tar" >/dev/null
+[ -z "$DMTCP_DIR" ] || $CTR images import "$W/memhog-dyn.tar" >/dev/null
 
 floor_run() { # size -> "dump_ms restore_ms"
     local size=$1 b="$W/bundle-$1" id="floor-$1"
@@ -71,72 +121,187 @@ PY
     runc --root "$W/runc" run -d --bundle "$b" "$id" </dev/null > >(cat >/dev/null) 2>&1
     for _ in $(seq 600); do [ -s "$b/rootfs/tick" ] && break; sleep 0.05; done
     sleep 0.3 # as for the shim's run
-    local t0 t1 t2
+    local t0 t1 t2 t3
     sync
     t0=$(now)
     runc --root "$W/runc" checkpoint --image-path "$W/img-$1" --work-path "$W/work-$1" --tcp-established --file-locks "$id"
     t1=$(now)
     sync
-    t1=$(now)
-    runc --root "$W/runc" restore -d --image-path "$W/img-$1" --work-path "$W/work-$1" --tcp-established --file-locks --bundle "$b" "$id" </dev/null > >(cat >/dev/null) 2>&1
     t2=$(now)
+    runc --root "$W/runc" restore -d --image-path "$W/img-$1" --work-path "$W/work-$1" --tcp-established --file-locks --bundle "$b" "$id" </dev/null > >(cat >/dev/null) 2>&1
+    t3=$(now)
     runc --root "$W/runc" delete -f "$id"
     rm -rf "$W/img-$1" "$W/work-$1"
-    echo "$(ms "$t0" "$t1") $(ms "$t1" "$t2")"
+    echo "$(ms "$t0" "$t1") $(ms "$t2" "$t3")"
 }
 
-mig_run() { # size -> "checkpoint_ms restore_ms"
-    local size=$1 id="mig-$1" t0 t1 t2
-    $CTR run -d --runtime io.containerd.mig.v2 --annotation mig.dev/checkpoint-on-stop=true \
-        docker.io/library/memhog:bench "$id" /memhog "$size" >"$W/out-$id" 2>&1
-    # memhog writes /tick once its memory is touched: wait for it in the container's upper dir.
-    for _ in $(seq 600); do
-        compgen -G "$W/root/io.containerd.snapshotter.v1.overlayfs/snapshots/*/fs/tick" >/dev/null && break
-        sleep 0.05
+# upper ID: the upper dir of container ID's snapshot (its key is the container's id).
+upper() { $CTR snapshots mounts /mnt "$1" | grep -o 'upperdir=[^,]*' | cut -d= -f2; }
+
+# wait_tick FILE [OLD]: waits (up to 30 s) until FILE holds a tick other than OLD, the file's
+# content at the checkpoint: then a later one, else the program started afresh instead of
+# being restored. memhog rewrites it every 100 ms (truncate, then one write): an empty read is
+# no tick.
+wait_tick() {
+    local t
+    for _ in $(seq 6000); do
+        t=$(cat "$1" 2>/dev/null) || true
+        if [ -n "$t" ] && [ "$t" != "${2:-}" ]; then
+            if [ -n "${2:-}" ] && [ "${t%% *}" -le "${2%% *}" ]; then
+                echo "bench-checkpoint.sh: $1 went from tick ${2%% *} to ${t%% *}: not restored" >&2
+                return 1
+            fi
+            return 0
+        fi
+        sleep 0.005
     done
+    echo "bench-checkpoint.sh: no new tick in $1 within 30 s" >&2
+    return 1
+}
+
+mig_run() { # size engine -> "checkpoint_ms restore_ms plain_start_ms"
+    local size=$1 engine=$2 id="mig-$2-$1" plain="plain-$2-$1" image=docker.io/library/memhog:bench
+    local t0 t1 t2 up old
+    local -a engine_annotation=()
+    if [ "$engine" = dmtcp ]; then
+        image=docker.io/library/memhog-dyn:bench
+        engine_annotation=(--annotation mig.dev/engine=dmtcp)
+    fi
+    $CTR run -d --runtime io.containerd.mig.v2 --annotation mig.dev/checkpoint-on-stop=true \
+        "${engine_annotation[@]}" "$image" "$id" /memhog "$size" >"$W/out-$id" 2>&1
+    # memhog writes /tick once its memory is touched: wait for it in the container's upper dir.
+    up=$(upper "$id")
+    wait_tick "$up/tick"
     sleep 0.3
     sync
     t0=$(now)
     $CTR t kill -s SIGTERM "$id"
     t1=$(now)
+    old=$(cat "$up/tick")
     $CTR t rm "$id" >/dev/null 2>&1 || true
     $CTR c rm "$id"
-    $CTR c create --runtime io.containerd.mig.v2 docker.io/library/memhog:bench "$id" /memhog "$size" >/dev/null 2>&1
+    $CTR c create --runtime io.containerd.mig.v2 "${engine_annotation[@]}" "$image" "$id" /memhog "$size" >/dev/null 2>&1
+    up=$(upper "$id")
     sync
     local tr
     tr=$(now)
     $CTR t start -d "$id" >/dev/null 2>&1
+    # DMTCP: the restore-hook's dmtcp_restart restores the program after `start` returned.
+    [ "$engine" = criu ] || wait_tick "$up/tick" "$old"
     t2=$(now)
     $CTR t kill -s KILL "$id" >/dev/null 2>&1; sleep 0.3
     $CTR t rm -f "$id" >/dev/null 2>&1; $CTR c rm "$id" >/dev/null 2>&1
     # The same `ctr task start -d` without a checkpoint: what containerd and ctr cost by
     # themselves.
     local t3 t4
-    $CTR c create --runtime io.containerd.mig.v2 docker.io/library/memhog:bench "plain-$1" /memhog 1 >/dev/null 2>&1
+    $CTR c create --runtime io.containerd.mig.v2 "${engine_annotation[@]}" "$image" "$plain" /memhog 1 >/dev/null 2>&1
+    up=$(upper "$plain")
     sync
     t3=$(now)
-    $CTR t start -d "plain-$1" >/dev/null 2>&1
+    $CTR t start -d "$plain" >/dev/null 2>&1
+    [ "$engine" = criu ] || wait_tick "$up/tick"
     t4=$(now)
-    $CTR t kill -s KILL "plain-$1" >/dev/null 2>&1; sleep 0.3
-    $CTR t rm -f "plain-$1" >/dev/null 2>&1; $CTR c rm "plain-$1" >/dev/null 2>&1
+    $CTR t kill -s KILL "$plain" >/dev/null 2>&1; sleep 0.3
+    $CTR t rm -f "$plain" >/dev/null 2>&1; $CTR c rm "$plain" >/dev/null 2>&1
     echo "$(ms "$t0" "$t1") $(ms "$tr" "$t2") $(ms "$t3" "$t4")"
 }
 
-printf '\n%-8s %-6s %14s %10s %7s %14s %12s %7s %12s\n' "memory" "engine" "floor dump ms" "ckpt ms" "ratio" "floor rest ms" "restore ms" "ratio" "plain start ms"
-for size in "${SIZES[@]}"; do
-    fd=() fr=() md=() mr=() cr=()
-    for _ in $(seq "$REPS"); do
-        read -r a b < <(floor_run "$size"); fd+=("$a"); fr+=("$b")
-        read -r a b c < <(mig_run "$size"); md+=("$a"); mr+=("$b"); cr+=("$c")
+# dmtcp_checkpoint_done DIR APP_PID PORT: the checkpoint in DIR is complete and its program
+# gone, as the restore-hook decides it after `dmtcp_command -kc`: the coordinator's restart
+# script lists as many images as it counts processes, the program has exited (a zombie of this
+# shell counts as exited) and the coordinator counts no peer.
+dmtcp_checkpoint_done() {
+    local dir=$1 pid=$2 port=$3 script n files state
+    script=$(compgen -G "$dir/dmtcp_restart_script_*.sh" | head -n1) || return 1
+    n=$(sed -n 's/^# Number of processes in the computation = //p' "$script")
+    files=$(sed -n 's/^given_ckpt_files="\(.*\)"$/\1/p' "$script" | wc -w)
+    [ -n "$n" ] && [ "$n" -gt 0 ] && [ "$n" -eq "$files" ] || return 1
+    if [ -e "/proc/$pid/stat" ]; then
+        read -r _ _ state _ <"/proc/$pid/stat" || true
+        [ "${state:-Z}" = Z ] || return 1
+    fi
+    "$DMTCP_DIR/bin/dmtcp_command" --coord-host 127.0.0.1 --coord-port "$port" -s 2>/dev/null |
+        grep -q '^ *NUM_PEERS=0$'
+}
+
+dmtcp_floor_run() { # size -> "checkpoint_ms restore_ms"
+    local size=$1 d="$W/dmtcp-floor-$1" bin="$DMTCP_DIR/bin" port coord app t0 t1 t2 old
+    rm -rf "$d" && mkdir -p "$d/ckpt" "$d/tmp"
+    # The restore-hook's environment and options (restore-hook/src/dmtcp.rs).
+    export DMTCP_TMPDIR="$d/tmp" MEMHOG_TICK="$d/tick"
+    local -a join=(--join-coordinator --coord-host 127.0.0.1 --coord-port)
+    "$bin/dmtcp_coordinator" --coord-port 0 --port-file "$d/port.tmp" --ckptdir "$d/ckpt" -q \
+        </dev/null >"$d/coordinator.log" 2>&1 &
+    coord=$!
+    echo "$coord" >>"$d/pids"
+    for _ in $(seq 200); do [ -s "$d/port.tmp" ] && break; sleep 0.05; done
+    port=$(cat "$d/port.tmp") && mv "$d/port.tmp" "$d/port"
+    "$bin/dmtcp_launch" "${join[@]}" "$port" --ckptdir "$d/ckpt" --no-gzip \
+        --ckpt-signal $(($(kill -l SIGRTMAX) - 2)) "$W/rootfs-dyn/memhog" "$size" \
+        </dev/null >"$d/app.log" 2>&1 &
+    app=$!
+    echo "$app" >>"$d/pids"
+    wait_tick "$d/tick"
+    sleep 0.3 # as for the shim's run
+    sync
+    t0=$(now)
+    # DMTCP 4.2.0's `-kc` exits 2 with "Computation was checkpointed and killed" when all is
+    # well (restore-hook/src/control.rs), before the checkpoint is done.
+    "$bin/dmtcp_command" --coord-host 127.0.0.1 --coord-port "$port" -kc >"$d/kc.out" 2>&1 ||
+        grep -q "checkpointed and killed" "$d/kc.out" || { cat "$d/kc.out" >&2; return 1; }
+    local pause=0.005 deadline=$(($(date +%s) + 300))
+    until dmtcp_checkpoint_done "$d/ckpt" "$app" "$port"; do
+        [ "$(date +%s)" -lt "$deadline" ] || { echo "bench-checkpoint.sh: DMTCP checkpoint in $d not done within 300 s" >&2; return 1; }
+        sleep "$pause"
+        pause=$(awk -v p="$pause" 'BEGIN{print (p * 2 < 0.05 ? p * 2 : 0.05)}')
     done
-    FD=$(median "${fd[@]}"); FR=$(median "${fr[@]}"); MD=$(median "${md[@]}"); MR=$(median "${mr[@]}")
-    CR=$(median "${cr[@]}")
-    printf '%-8s %-6s %14s %10s %7s %14s %12s %7s %12s\n' "${size}MiB" criu "$FD" "$MD" \
-        "$(awk -v a="$MD" -v b="$FD" 'BEGIN{printf "%.2f", a/(b?b:1)}')" "$FR" "$MR" \
-        "$(awk -v a="$MR" -v b="$FR" 'BEGIN{printf "%.2f", a/(b?b:1)}')" "$CR"
+    t1=$(now)
+    wait "$app" 2>/dev/null || true
+    old=$(cat "$d/tick")
+    sync
+    local tr
+    tr=$(now)
+    "$bin/dmtcp_restart" "${join[@]}" "$port" --ckptdir "$d/ckpt" "$d"/ckpt/ckpt_*.dmtcp \
+        </dev/null >"$d/restart.log" 2>&1 &
+    app=$!
+    echo "$app" >>"$d/pids"
+    wait_tick "$d/tick" "$old"
+    t2=$(now)
+    "$bin/dmtcp_command" --coord-host 127.0.0.1 --coord-port "$port" -k >/dev/null 2>&1 || true
+    kill -KILL "$app" "$coord" 2>/dev/null || true
+    wait "$app" "$coord" 2>/dev/null || true
+    rm -rf "$d"
+    echo "$(ms "$t0" "$t1") $(ms "$tr" "$t2")"
+}
+
+row() { # size engine floor_dump ckpt floor_restore restore plain_start
+    printf '%-8s %-6s %14s %10s %7s %14s %12s %7s %12s\n' "${1}MiB" "$2" "$3" "$4" \
+        "$(awk -v a="$4" -v b="$3" 'BEGIN{printf "%.2f", a/(b?b:1)}')" "$5" "$6" \
+        "$(awk -v a="$6" -v b="$5" 'BEGIN{printf "%.2f", a/(b?b:1)}')" "$7"
+}
+
+printf '\n%-8s %-6s %14s %10s %7s %14s %12s %7s %12s\n' "memory" "engine" "floor dump ms" "ckpt ms" "ratio" "floor rest ms" "restore ms" "ratio" "plain start ms"
+ENGINES=(criu)
+[ -z "$DMTCP_DIR" ] || ENGINES+=(dmtcp)
+for size in "${SIZES[@]}"; do
+    for engine in "${ENGINES[@]}"; do
+        fd=() fr=() md=() mr=() cr=()
+        warm_memory "$size"
+        for rep in $(seq "$REPS"); do
+            # Odd runs measure the floor first, even ones the shim (see warm_memory in
+            # lib/nodes.sh).
+            for step in $( ((rep % 2)) && echo floor mig || echo mig floor); do
+                if [ "$step" = floor ] && [ "$engine" = criu ]; then
+                    read -r a b < <(floor_run "$size"); fd+=("$a"); fr+=("$b")
+                elif [ "$step" = floor ]; then
+                    read -r a b < <(dmtcp_floor_run "$size"); fd+=("$a"); fr+=("$b")
+                else
+                    read -r a b c < <(mig_run "$size" "$engine"); md+=("$a"); mr+=("$b"); cr+=("$c")
+                fi
+            done
+        done
+        row "$size" "$engine" "$(median "${fd[@]}")" "$(median "${md[@]}")" "$(median "${fr[@]}")" \
+            "$(median "${mr[@]}")" "$(median "${cr[@]}")"
+    done
 done
-if command -v dmtcp_launch >/dev/null || [ -n "${MIG_DMTCP_DIR:-}" ]; then
-    echo "(dmtcp: not in this table yet; see the notes)"
-else
-    echo "dmtcp: not installed here (no registry carries it); its row is skipped"
-fi
+[ -n "$DMTCP_DIR" ] || echo "dmtcp: not installed here (no registry carries it); its row is skipped"

@@ -229,12 +229,19 @@ HDR='%-7s | %9s %6s %6s | %9s %7s %7s %7s | %7s %5s %7s %7s | %6s %6s | %s\n'
 ROWS=()
 for size in "${SIZES[@]}"; do
     cl=() sa=() ra=() rd=() ck=() xf=() rs=() xt=() fd=() fc=() fr=() fz=() fs=()
+    warm_memory "$size"
     for rep in $(seq "$REPS"); do
-        floor_run "$size"; read -r a b c d <"$W/res"
-        fd+=("$a"); fc+=("$b"); fr+=("$c"); fz+=("$d"); fs+=($((a + b + c)))
-        log "size=$size rep=$rep floor dump=$a cp=$b restore=$c zstd_mibps=$d"
-        mig_run "$size" "$rep"; read -r a b c d e f g h <"$W/res"
-        cl+=("$a"); rd+=("$b"); ck+=("$c"); xf+=("$d"); rs+=("$e"); xt+=("$f"); sa+=("$g"); ra+=("$h")
+        # Odd runs measure the floor first, even ones the migration (see warm_memory).
+        for step in $( ((rep % 2)) && echo floor mig || echo mig floor); do
+            if [ "$step" = floor ]; then
+                floor_run "$size"; read -r a b c d <"$W/res"
+                fd+=("$a"); fc+=("$b"); fr+=("$c"); fz+=("$d"); fs+=($((a + b + c)))
+                log "size=$size rep=$rep floor dump=$a cp=$b restore=$c zstd_mibps=$d"
+            else
+                mig_run "$size" "$rep"; read -r a b c d e f g h <"$W/res"
+                cl+=("$a"); rd+=("$b"); ck+=("$c"); xf+=("$d"); rs+=("$e"); xt+=("$f"); sa+=("$g"); ra+=("$h")
+            fi
+        done
     done
     CL=$(median "${cl[@]}") FS=$(median "${fs[@]}")
     goals=()

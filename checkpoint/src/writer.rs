@@ -77,20 +77,34 @@ impl CheckpointWriter {
     /// the `tail` module). Call [`CheckpointWriter::images_written`] once the engine is done.
     pub fn hash_images_while_written(&mut self) -> Result<()> {
         let dir = self.images_dir()?;
-        self.tail = Some(
-            TailHasher::start(dir.clone(), tail::is_page_image)
-                .map_err(io_err("start hashing", &dir))?,
-        );
+        self.follow(dir, tail::is_page_image)
+    }
+
+    /// As [`CheckpointWriter::hash_images_while_written`], for an engine that writes its images
+    /// (DMTCP's `ckpt_*.dmtcp`) into `dir`, from where the caller then moves them (renames:
+    /// the same files) into [`CheckpointWriter::images_dir`].
+    pub fn hash_dmtcp_images_while_written(&mut self, dir: &Path) -> Result<()> {
+        self.follow(dir.to_path_buf(), tail::is_dmtcp_image)
+    }
+
+    fn follow(&mut self, dir: PathBuf, wanted: fn(&str) -> bool) -> Result<()> {
+        self.tail =
+            Some(TailHasher::start(dir.clone(), wanted).map_err(io_err("start hashing", &dir))?);
         Ok(())
     }
 
-    /// The engine has written and closed its images: collects the digests computed while it
-    /// wrote them. A failure to follow them is not an error: the commit hashes them itself.
+    /// The engine has written and closed its images (and they are in
+    /// [`CheckpointWriter::images_dir`]): collects the digests computed while it wrote them. A
+    /// failure to follow them is not an error: the commit hashes them itself.
     pub fn images_written(&mut self) {
         let Some(tail) = self.tail.take() else {
             return;
         };
-        match tail.finish() {
+        let images = self.tmp.join(IMAGES_DIR);
+        match tail
+            .finish()
+            .and_then(|digests| tail::by_name(&images, &digests))
+        {
             Ok(digests) => {
                 for (name, digest) in digests {
                     self.prehashed

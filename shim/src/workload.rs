@@ -459,6 +459,9 @@ impl Workload {
             }
             Engine::Dmtcp { dirs, .. } => {
                 let socket = dirs.ctl_socket();
+                writer
+                    .hash_dmtcp_images_while_written(&dirs.ckpt)
+                    .map_err(|e| running(Error::Other(format!("checkpoint of {id}: {e}"))))?;
                 if let Err(e) = dmtcp::checkpoint_and_stop(&socket, DMTCP_CHECKPOINT_TIMEOUT).await
                 {
                     let gone = match &e {
@@ -472,10 +475,14 @@ impl Workload {
                     });
                 }
                 let (from, to) = (dirs.ckpt.clone(), images);
-                tokio::task::spawn_blocking(move || copy_files(&from, &to))
+                // The application is gone: its images move to the store. (A second link, left
+                // behind and removed with the container later, would change the files' ctime
+                // and void the stamp the commit writes, so the restore would hash them again.)
+                tokio::task::spawn_blocking(move || move_files(&from, &to))
                     .await
-                    .map_err(|e| stopped(Error::Other(format!("copy DMTCP images: {e}"))))?
+                    .map_err(|e| stopped(Error::Other(format!("move DMTCP images: {e}"))))?
                     .map_err(stopped)?;
+                writer.images_written();
             }
         }
         // From here on the application is gone, whatever fails.
@@ -623,6 +630,25 @@ async fn hook_reports_app_gone(socket: &Path) -> bool {
         Err(dmtcp::DmtcpError::Control { .. }) => true,
         Err(_) => false,
     }
+}
+
+/// Moves the regular files of `from` (not recursively) into `to`.
+fn move_files(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).map_err(Error::io(format!("create {}", to.display())))?;
+    for entry in std::fs::read_dir(from).map_err(Error::io(format!("list {}", from.display())))? {
+        let entry = entry.map_err(Error::io(format!("list {}", from.display())))?;
+        if entry.file_type().map(|t| t.is_file()).unwrap_or(false) {
+            let dest = to.join(entry.file_name());
+            // Same filesystem (both under the state root): a rename costs nothing.
+            if std::fs::rename(entry.path(), &dest).is_err() {
+                std::fs::copy(entry.path(), &dest)
+                    .map_err(Error::io(format!("copy {}", entry.path().display())))?;
+                std::fs::remove_file(entry.path())
+                    .map_err(Error::io(format!("remove {}", entry.path().display())))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Copies the regular files of `from` (not recursively) into `to`.

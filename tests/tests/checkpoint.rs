@@ -668,7 +668,12 @@ fn containerd_checkpoint_and_restore() {
         reference,
     ])
     .unwrap();
-    p.b.ctr_ok(&["images", "import", &archive_s]).unwrap();
+    // containerd's own import, which failed once in ~10 runs on a loaded 2-core machine
+    // (not our code): one retry, with the first error shown.
+    if let Err(e) = p.b.ctr_ok(&["images", "import", &archive_s]) {
+        eprintln!("ctr images import failed, retrying once: {e:#}");
+        p.b.ctr_ok(&["images", "import", &archive_s]).unwrap();
+    }
 
     let started = Instant::now();
     p.b.ctr_ok(&["containers", "restore", "--live", "--rw", ID, reference])
