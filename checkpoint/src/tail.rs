@@ -103,19 +103,17 @@ fn follow(dir: &Path, wanted: fn(&str) -> bool, done: &AtomicBool) -> io::Result
             let Ok(meta) = entry.metadata() else {
                 continue;
             };
-            let id = (meta.dev(), meta.ino());
-            if !files.contains_key(&id) {
+            if let std::collections::btree_map::Entry::Vacant(slot) =
+                files.entry((meta.dev(), meta.ino()))
+            {
                 let Ok(file) = File::open(entry.path()) else {
                     continue;
                 };
-                files.insert(
-                    id,
-                    Followed {
-                        file,
-                        hasher: Sha256::new(),
-                        size: 0,
-                    },
-                );
+                slot.insert(Followed {
+                    file,
+                    hasher: Sha256::new(),
+                    size: 0,
+                });
             }
         }
         let mut progressed = false;
