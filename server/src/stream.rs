@@ -21,8 +21,7 @@
 //! reads straight from the checkpoint directory (no second copy on the origin); it hashes what
 //! it sends only when the checkpoint's `verified.json` stamp (written by the shim's commit after
 //! hashing) does not vouch for the files, since the receiver checks every byte anyway. The
-//! receiver hashes what it writes (a second thread hashes and writes while this one
-//! decompresses) and compares each file with its manifest entry as soon as the file is
+//! receiver hashes what it writes (as it decompresses; a second thread writes) and compares each file with its manifest entry as soon as the file is
 //! complete, so a corrupted stream is refused at the first bad file and the store's temporary
 //! directory is dropped with the writer. The files are then installed without hashing them
 //! again ([`mig_checkpoint::CheckpointWriter::commit_received_hashed`]) and with a stamp, so
@@ -298,21 +297,23 @@ pub fn receive_checkpoint<R: Read>(
     })
 }
 
-/// What the decompressing thread hands the thread that hashes and writes files.
+/// What the receiving thread hands the thread that writes files.
 enum Job {
     /// The next file to fill.
     File(File),
     /// The next `.1` bytes of the current file, in the buffer `.0`.
     Data(Vec<u8>, usize),
-    /// The current file is complete: reply with the sha256 of its bytes.
+    /// The current file is complete: reply whether it was written.
     End,
 }
 
 /// Receives the files listed in `entries` from `z` into `dir`, each compared with its
 /// manifest entry as soon as it is complete; returns what was written, as entries.
 ///
-/// Two threads: this one decompresses (and reads the network), a second one hashes and
-/// writes, with a few 1 MiB buffers going round between them.
+/// Two threads: this one reads the network, decompresses and hashes, a second one writes, with
+/// a few 1 MiB buffers going round between them. (Hashing here rather than with the writes
+/// balances the two: decompressing is the cheapest step, and writing into the page cache, new
+/// memory for the kernel, is not cheap on a VM.)
 fn receive_files(
     z: &mut impl Read,
     dir: &Path,
@@ -320,7 +321,7 @@ fn receive_files(
 ) -> Result<Vec<FileEntry>, StreamError> {
     let (job_tx, job_rx) = std::sync::mpsc::sync_channel::<Job>(PIPELINE_DEPTH);
     let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
-    let (done_tx, done_rx) = std::sync::mpsc::channel::<io::Result<String>>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<io::Result<()>>();
     for _ in 0..=PIPELINE_DEPTH {
         let _ = free_tx.send(vec![0u8; COPY_BUF]);
     }
@@ -338,7 +339,7 @@ fn decompress_files(
     entries: &[FileEntry],
     jobs: &std::sync::mpsc::SyncSender<Job>,
     free: &std::sync::mpsc::Receiver<Vec<u8>>,
-    done: &std::sync::mpsc::Receiver<io::Result<String>>,
+    done: &std::sync::mpsc::Receiver<io::Result<()>>,
 ) -> Result<Vec<FileEntry>, StreamError> {
     let gone = |()| StreamError::Io {
         what: "write received files".into(),
@@ -356,6 +357,7 @@ fn decompress_files(
         }
         jobs.send(Job::File(new_file(&path)?))
             .map_err(|_| gone(()))?;
+        let mut hasher = Sha256::new();
         let mut left = entry.size;
         while left > 0 {
             let mut buf = free.recv().map_err(|_| gone(()))?;
@@ -371,11 +373,12 @@ fn decompress_files(
                     entry.size
                 )));
             }
+            hasher.update(&buf[..n]);
             jobs.send(Job::Data(buf, n)).map_err(|_| gone(()))?;
         }
         jobs.send(Job::End).map_err(|_| gone(()))?;
-        let found = done
-            .recv()
+        let found = hex(&hasher.finalize());
+        done.recv()
             .map_err(|_| gone(()))?
             .map_err(io_err(format!("write {}", path.display())))?;
         if found != entry.sha256 {
@@ -396,34 +399,33 @@ fn decompress_files(
     Ok(hashed)
 }
 
-/// The writing thread of [`receive_files`]: hashes and writes what it is handed, returns the
-/// buffers, and answers each [`Job::End`] with the digest or the first write error.
+/// The writing thread of [`receive_files`]: writes what it is handed, returns the buffers,
+/// and answers each [`Job::End`] with the first write error, if any.
 fn write_files(
     jobs: std::sync::mpsc::Receiver<Job>,
     free: std::sync::mpsc::Sender<Vec<u8>>,
-    done: std::sync::mpsc::Sender<io::Result<String>>,
+    done: std::sync::mpsc::Sender<io::Result<()>>,
 ) {
-    let mut current: Option<(File, Sha256)> = None;
+    let mut current: Option<File> = None;
     let mut failed: Option<io::Error> = None;
     for job in jobs {
         match job {
             Job::File(file) => {
-                current = Some((file, Sha256::new()));
+                current = Some(file);
                 failed = None;
             }
             Job::Data(buf, n) => {
-                if let (None, Some((file, hasher))) = (&failed, current.as_mut()) {
-                    hasher.update(&buf[..n]);
-                    if let Err(e) = file.write_all(&buf[..n]) {
-                        failed = Some(e);
-                    }
+                if let (None, Some(file)) = (&failed, current.as_mut())
+                    && let Err(e) = file.write_all(&buf[..n])
+                {
+                    failed = Some(e);
                 }
                 let _ = free.send(buf);
             }
             Job::End => {
                 let result = match (failed.take(), current.take()) {
                     (Some(e), _) => Err(e),
-                    (None, Some((_, hasher))) => Ok(hex(&hasher.finalize())),
+                    (None, Some(_)) => Ok(()),
                     (None, None) => Err(io::Error::other("no file was started")),
                 };
                 if done.send(result).is_err() {
