@@ -23,8 +23,7 @@
 //! MESSAGE`; `%`, space, tab, CR and LF inside a token are percent-encoded.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File};
-use std::io::Read;
+use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 use std::process::Command;
@@ -106,17 +105,9 @@ pub enum DmtcpError {
     Spec(String),
     #[error("cannot find entrypoint {program:?} in the container's PATH {path:?}")]
     EntrypointNotFound { program: String, path: String },
-    #[error(
-        "DMTCP cannot checkpoint statically linked program {path}: it has no dynamic loader \
-         (no PT_INTERP), so DMTCP's LD_PRELOAD library is never loaded; use a dynamically \
-         linked build or the CRIU engine"
-    )]
-    Static { path: PathBuf },
-    #[error(
-        "DMTCP cannot checkpoint setuid/setgid program {path}: the dynamic loader ignores \
-         LD_PRELOAD for it; use the CRIU engine"
-    )]
-    Setuid { path: PathBuf },
+    /// Statically linked, setuid, or not a program (the check shared with the hook).
+    #[error(transparent)]
+    Unwrappable(#[from] mig_elf::Unwrappable),
     #[error("{path} is neither an ELF executable nor a #! script")]
     NotExecutable { path: PathBuf },
     #[error(
@@ -332,12 +323,9 @@ fn parse_ldd(text: &str) -> Vec<(String, Option<PathBuf>)> {
 }
 
 fn is_dynamic_elf(path: &Path) -> bool {
-    read_head(path).is_ok_and(|h| has_interp(&h) == Some(true) || is_shared_object(&h))
-}
-
-fn is_shared_object(head: &[u8]) -> bool {
-    // ET_DYN without PT_INTERP: a shared library (lib/dmtcp/*.so).
-    head.get(..4) == Some(b"\x7fELF") && head.get(16) == Some(&3)
+    // With PT_INTERP, or ET_DYN without it: a shared library (lib/dmtcp/*.so).
+    mig_elf::read_head(path)
+        .is_ok_and(|h| mig_elf::has_interp(&h) == Some(true) || mig_elf::is_shared_object(&h))
 }
 
 /// Host-side dirs of one container, bind-mounted read-write.
@@ -443,8 +431,8 @@ pub fn inject(
 
 /// Checks the hook binary is static: it runs in images that may have no (or another) libc.
 pub fn check_hook_binary(path: &Path) -> Result<()> {
-    let head = read_head(path).map_err(io_err("reading restore-hook", path))?;
-    match has_interp(&head) {
+    let head = mig_elf::read_head(path).map_err(io_err("reading restore-hook", path))?;
+    match mig_elf::has_interp(&head) {
         Some(false) => Ok(()),
         Some(true) => Err(DmtcpError::HookNotStatic {
             path: path.to_path_buf(),
@@ -500,38 +488,12 @@ pub fn check_wrappable(rootfs: &Path, spec: &Spec) -> Result<()> {
 
 /// Checks one program (a host path inside `rootfs`); errors name the container path.
 fn check_program(rootfs: &Path, host_path: &Path) -> Result<()> {
-    let mut current = host_path.to_path_buf();
-    for _ in 0..4 {
-        let shown = Path::new("/").join(current.strip_prefix(rootfs).unwrap_or(&current));
-        let meta = current
-            .metadata()
-            .map_err(io_err("inspecting entrypoint", &current))?;
-        if meta.permissions().mode() & 0o6000 != 0 {
-            return Err(DmtcpError::Setuid { path: shown });
-        }
-        let head = read_head(&current).map_err(io_err("reading entrypoint", &current))?;
-        if let Some(rest) = head.strip_prefix(b"#!") {
-            let line = rest.split(|&b| b == b'\n').next().unwrap_or_default();
-            let line = String::from_utf8_lossy(line);
-            let interp = line
-                .split_whitespace()
-                .next()
-                .ok_or(DmtcpError::NotExecutable {
-                    path: shown.clone(),
-                })?;
-            current = resolve_in_root(rootfs, Path::new(interp))
-                .ok_or(DmtcpError::NotExecutable { path: shown })?;
-            continue;
-        }
-        return match has_interp(&head) {
-            Some(true) => Ok(()),
-            Some(false) => Err(DmtcpError::Static { path: shown }),
-            None => Err(DmtcpError::NotExecutable { path: shown }),
-        };
-    }
-    Err(DmtcpError::NotExecutable {
-        path: host_path.to_path_buf(),
-    })
+    mig_elf::check_wrappable(
+        host_path,
+        |interp| resolve_in_root(rootfs, interp),
+        |p| Path::new("/").join(p.strip_prefix(rootfs).unwrap_or(p)),
+    )?;
+    Ok(())
 }
 
 /// Resolves the container path `path` to a host path under `rootfs`, following symlinks as
@@ -578,48 +540,6 @@ fn parts(path: &Path) -> Vec<PathBuf> {
             _ => None,
         })
         .collect()
-}
-
-fn read_head(path: &Path) -> std::io::Result<Vec<u8>> {
-    let mut head = Vec::with_capacity(4096);
-    File::open(path)?.take(64 * 1024).read_to_end(&mut head)?;
-    Ok(head)
-}
-
-/// Whether the ELF image starting with `head` has a `PT_INTERP` program header (is dynamically
-/// linked); `None` when `head` is not ELF or is too short.
-fn has_interp(head: &[u8]) -> Option<bool> {
-    const PT_INTERP: u64 = 3;
-    if head.get(..4)? != b"\x7fELF" {
-        return None;
-    }
-    let is64 = match head.get(4)? {
-        1 => false,
-        2 => true,
-        _ => return None,
-    };
-    let little = *head.get(5)? == 1;
-    let num = |off: usize, len: usize| -> Option<u64> {
-        let bytes = head.get(off..off + len)?;
-        let mut v = 0u64;
-        for i in 0..len {
-            let b = if little { bytes[len - 1 - i] } else { bytes[i] };
-            v = (v << 8) | u64::from(b);
-        }
-        Some(v)
-    };
-    let (phoff, phentsize, phnum) = if is64 {
-        (num(0x20, 8)?, num(0x36, 2)?, num(0x38, 2)?)
-    } else {
-        (num(0x1c, 4)?, num(0x2a, 2)?, num(0x2c, 2)?)
-    };
-    for i in 0..phnum {
-        let off = usize::try_from(phoff.checked_add(i.checked_mul(phentsize)?)?).ok()?;
-        if num(off, 4)? == PT_INTERP {
-            return Some(true);
-        }
-    }
-    Some(false)
 }
 
 /// Asks the hook behind `ctl_socket` to checkpoint and waits until every image is complete.
@@ -765,6 +685,7 @@ fn tail(bytes: &[u8], n: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::File;
     use std::io::Write;
     use std::os::unix::fs::symlink;
 
@@ -929,11 +850,19 @@ mod tests {
         assert!(check_wrappable(root, &spec_with(&["/bin/app-link"], &[path])).is_ok());
         assert!(check_wrappable(root, &spec_with(&["pyscript"], &[path])).is_ok());
         match check_wrappable(root, &spec_with(&["sh"], &[path])) {
-            Err(DmtcpError::Static { path }) => assert_eq!(path, Path::new("/bin/busybox")),
+            Err(DmtcpError::Unwrappable(mig_elf::Unwrappable {
+                path,
+                reason: mig_elf::Reason::Static,
+            })) => assert_eq!(path, Path::new("/bin/busybox")),
             other => panic!("unexpected {other:?}"),
         }
         match check_wrappable(root, &spec_with(&["script"], &[path])) {
-            Err(e @ DmtcpError::Static { .. }) => assert!(
+            Err(
+                e @ DmtcpError::Unwrappable(mig_elf::Unwrappable {
+                    reason: mig_elf::Reason::Static,
+                    ..
+                }),
+            ) => assert!(
                 e.to_string()
                     .starts_with("DMTCP cannot checkpoint statically linked program /bin/busybox")
             ),
@@ -941,7 +870,10 @@ mod tests {
         }
         assert!(matches!(
             check_wrappable(root, &spec_with(&["su"], &[path])),
-            Err(DmtcpError::Setuid { .. })
+            Err(DmtcpError::Unwrappable(mig_elf::Unwrappable {
+                reason: mig_elf::Reason::Setuid,
+                ..
+            }))
         ));
         assert!(matches!(
             check_wrappable(root, &spec_with(&["nothere"], &[path])),
