@@ -634,34 +634,33 @@ async fn hook_reports_app_gone(socket: &Path) -> bool {
 
 /// Moves the regular files of `from` (not recursively) into `to`.
 fn move_files(from: &Path, to: &Path) -> Result<()> {
-    std::fs::create_dir_all(to).map_err(Error::io(format!("create {}", to.display())))?;
-    for entry in std::fs::read_dir(from).map_err(Error::io(format!("list {}", from.display())))? {
-        let entry = entry.map_err(Error::io(format!("list {}", from.display())))?;
-        if entry.file_type().map(|t| t.is_file()).unwrap_or(false) {
-            let dest = to.join(entry.file_name());
-            // Same filesystem (both under the state root): a rename costs nothing.
-            if std::fs::rename(entry.path(), &dest).is_err() {
-                std::fs::copy(entry.path(), &dest)
-                    .map_err(Error::io(format!("copy {}", entry.path().display())))?;
-                std::fs::remove_file(entry.path())
-                    .map_err(Error::io(format!("remove {}", entry.path().display())))?;
-            }
-        }
-    }
-    Ok(())
+    transfer_files(from, to, true)
 }
 
 /// Copies the regular files of `from` (not recursively) into `to`.
 fn copy_files(from: &Path, to: &Path) -> Result<()> {
+    transfer_files(from, to, false)
+}
+
+fn transfer_files(from: &Path, to: &Path, remove_source: bool) -> Result<()> {
     std::fs::create_dir_all(to).map_err(Error::io(format!("create {}", to.display())))?;
     for entry in std::fs::read_dir(from).map_err(Error::io(format!("list {}", from.display())))? {
         let entry = entry.map_err(Error::io(format!("list {}", from.display())))?;
-        if entry.file_type().map(|t| t.is_file()).unwrap_or(false) {
-            let dest = to.join(entry.file_name());
-            // Same filesystem (both under the state root): a hard link costs nothing.
-            if std::fs::hard_link(entry.path(), &dest).is_err() {
-                std::fs::copy(entry.path(), &dest)
-                    .map_err(Error::io(format!("copy {}", entry.path().display())))?;
+        if !entry.file_type().map(|t| t.is_file()).unwrap_or(false) {
+            continue;
+        }
+        let (src, dest) = (entry.path(), to.join(entry.file_name()));
+        // Same filesystem (both under the state root): a rename or a hard link costs nothing.
+        let linked = if remove_source {
+            std::fs::rename(&src, &dest)
+        } else {
+            std::fs::hard_link(&src, &dest)
+        };
+        if linked.is_err() {
+            std::fs::copy(&src, &dest).map_err(Error::io(format!("copy {}", src.display())))?;
+            if remove_source {
+                std::fs::remove_file(&src)
+                    .map_err(Error::io(format!("remove {}", src.display())))?;
             }
         }
     }
