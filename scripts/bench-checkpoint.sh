@@ -105,17 +105,8 @@ $CTR images import "$W/memhog.tar" >/dev/null
 
 floor_run() { # size -> "dump_ms restore_ms"
     local size=$1 b="$W/bundle-$1" id="floor-$1"
-    rm -rf "$b" "$W/img-$1" && mkdir -p "$b/rootfs" && cp "$W/rootfs/memhog" "$b/rootfs/"
-    (cd "$b" && runc spec)
-    python3 - "$b/config.json" "$size" <<'PY'
-import json, sys
-p, size = sys.argv[1], sys.argv[2]
-s = json.load(open(p))
-s["process"]["terminal"] = False
-s["process"]["args"] = ["/memhog", size]
-s["root"]["readonly"] = False
-json.dump(s, open(p, "w"))
-PY
+    rm -rf "$W/img-$1"
+    floor_bundle "$b" "$W/rootfs/memhog" "$size"
     # stdout/stderr are pipes, as under a shim: CRIU cannot dump a host file the container
     # cannot see.
     runc --root "$W/runc" run -d --bundle "$b" "$id" </dev/null > >(cat >/dev/null) 2>&1

@@ -96,34 +96,15 @@ for n in 1 2; do
     ctr -a "$W/node0$n/containerd.sock" -n $NS images import "$W/memhog.tar" >/dev/null
 done
 veth_pair "$NET1" "$NET2" mig-bm-a mig-bm-b 10.231.8
-ip netns exec "$NET1" mig-server serve --role all --listen 10.231.8.1:7070 --node-name node01 \
-    --containerd-address "$W/node01/containerd.sock" --namespace $NS --state-dir "$W/node01/mig" \
-    --token-file "$W/token" >"$W/agent-node01.log" 2>&1 &
-ip netns exec "$NET2" mig-server serve --role node --listen 10.231.8.2:7070 --node-name node02 \
-    --controller $SERVER --containerd-address "$W/node02/containerd.sock" --namespace $NS \
-    --state-dir "$W/node02/mig" --token-file "$W/token" >"$W/agent-node02.log" 2>&1 &
-for _ in $(seq 100); do
-    [ "$(ip netns exec "$NET1" mig-server nodes --server $SERVER 2>/dev/null | grep -c node0)" -ge 2 ] && break
-    sleep 0.2
-done
-[ "$(ip netns exec "$NET1" mig-server nodes --server $SERVER 2>/dev/null | grep -c node0)" -ge 2 ] ||
+start_agents "$W" "$NS" "$NET1" "$NET2" 10.231.8 ||
     { echo "bench-migrate.sh: the node agents did not register" >&2; exit 1; }
 A="ctr -a $W/node01/containerd.sock -n $NS"
 B="ctr -a $W/node02/containerd.sock -n $NS"
 
 floor_run() { # size -> "dump_ms cp_ms restore_ms zstd_mibps"
     local size=$1 b="$W/bundle-$1" id="floor-$1" t0 t1 t2 t3 t4 t5 bytes
-    rm -rf "$b" "$W/img" "$W/img-copy" "$W/work" && mkdir -p "$b/rootfs" && cp "$W/rootfs/bmhog" "$b/rootfs/"
-    (cd "$b" && runc spec)
-    python3 - "$b/config.json" "$size" <<'PY'
-import json, sys
-p, size = sys.argv[1], sys.argv[2]
-s = json.load(open(p))
-s["process"]["terminal"] = False
-s["process"]["args"] = ["/bmhog", size]
-s["root"]["readonly"] = False
-json.dump(s, open(p, "w"))
-PY
+    rm -rf "$W/img" "$W/img-copy" "$W/work"
+    floor_bundle "$b" "$W/rootfs/bmhog" "$size"
     # stdout/stderr are pipes, as under a shim.
     runc --root "$W/runc" run -d --bundle "$b" "$id" </dev/null > >(cat >/dev/null) 2>&1
     for _ in $(seq 600); do [ -s "$b/rootfs/tick" ] && break; sleep 0.05; done

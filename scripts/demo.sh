@@ -55,16 +55,8 @@ done
 say "giving each node's agent its own address (network namespaces $NET1, $NET2)"
 veth_pair "$NET1" "$NET2" mig-demo-a mig-demo-b 10.231.9
 SERVER=http://10.231.9.1:7070
-ip netns exec "$NET1" mig-server serve --role all --listen 10.231.9.1:7070 --node-name node01 \
-    --containerd-address "$W/node01/containerd.sock" --namespace $NS --state-dir "$W/node01/mig" \
-    --token-file "$W/token" >"$W/agent-node01.log" 2>&1 &
-ip netns exec "$NET2" mig-server serve --role node --listen 10.231.9.2:7070 --node-name node02 \
-    --controller $SERVER --containerd-address "$W/node02/containerd.sock" --namespace $NS \
-    --state-dir "$W/node02/mig" --token-file "$W/token" >"$W/agent-node02.log" 2>&1 &
-for _ in $(seq 100); do
-    [ "$(ip netns exec "$NET1" mig-server nodes --server $SERVER 2>/dev/null | grep -c node0)" -ge 2 ] && break
-    sleep 0.2
-done
+start_agents "$W" "$NS" "$NET1" "$NET2" 10.231.9 ||
+    { echo "demo.sh: the node agents did not register; their logs: $W/agent-node0*.log" >&2; exit 1; }
 ip netns exec "$NET1" mig-server nodes --server $SERVER
 
 A="ctr -a $W/node01/containerd.sock -n $NS"

@@ -275,10 +275,9 @@ impl CheckpointWriter {
         Ok(())
     }
 
-    /// Installs a checkpoint received into [`CheckpointWriter::dir`] (manifest and files, e.g.
-    /// streamed from another node) after checking that it is for this writer's workload and
-    /// passes [`Checkpoint::verify`].
-    pub fn commit_received(mut self) -> Result<Checkpoint> {
+    /// The checkpoint received into [`CheckpointWriter::dir`], if it is for this writer's
+    /// workload.
+    fn open_received(&self) -> Result<Checkpoint> {
         let received = Checkpoint::open(&self.tmp)?;
         if received.identity() != &self.identity {
             return Err(Error::IdentityMismatch {
@@ -287,6 +286,14 @@ impl CheckpointWriter {
                 expected: Box::new(self.identity.clone()),
             });
         }
+        Ok(received)
+    }
+
+    /// Installs a checkpoint received into [`CheckpointWriter::dir`] (manifest and files, e.g.
+    /// streamed from another node) after checking that it is for this writer's workload and
+    /// passes [`Checkpoint::verify`].
+    pub fn commit_received(mut self) -> Result<Checkpoint> {
+        let received = self.open_received()?;
         received.verify()?;
         self.install_received(&received, true)
     }
@@ -302,18 +309,10 @@ impl CheckpointWriter {
     /// does not hash it either.
     ///
     /// File data is not fsynced (the manifest, stamp and directories are): this is for a
-    /// destination, where the origin's checkpoint remains the durable copy until the restored
-    /// workload runs. After a crash the stamp belongs to another boot, so the restore hashes
+    /// destination, and the origin keeps its own checkpoint until the restored workload runs. After a crash the stamp belongs to another boot, so the restore hashes
     /// every file and refuses one whose data was lost; it never restores lost data.
     pub fn commit_received_hashed(mut self, hashed: &[FileEntry]) -> Result<Checkpoint> {
-        let received = Checkpoint::open(&self.tmp)?;
-        if received.identity() != &self.identity {
-            return Err(Error::IdentityMismatch {
-                dir: self.tmp.clone(),
-                found: Box::new(received.identity().clone()),
-                expected: Box::new(self.identity.clone()),
-            });
-        }
+        let received = self.open_received()?;
         received.check_listing()?;
         for (i, file) in received.files().iter().enumerate() {
             let problem = match hashed.get(i) {

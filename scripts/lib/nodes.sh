@@ -71,3 +71,41 @@ warm_memory() {
     head -c "$(($1 * 3))M" /dev/zero >"$f" 2>/dev/null || true
     rm -f "$f"
 }
+
+# start_agents W NS NET1 NET2 PREFIX: a mig-server on each of the nodes W/node01 and W/node02
+# (node01 runs the controller too), in network namespaces NET1 and NET2 at PREFIX.1 and
+# PREFIX.2 (see veth_pair), with the token in W/token and logs in W/agent-node0N.log, serving
+# containerd namespace NS. Returns non-zero when both have not registered within 20 s.
+start_agents() {
+    local w=$1 ns=$2 n1=$3 n2=$4 prefix=$5
+    local server="http://$prefix.1:7070"
+    ip netns exec "$n1" mig-server serve --role all --listen "$prefix.1:7070" --node-name node01 \
+        --containerd-address "$w/node01/containerd.sock" --namespace "$ns" --state-dir "$w/node01/mig" \
+        --token-file "$w/token" >"$w/agent-node01.log" 2>&1 &
+    ip netns exec "$n2" mig-server serve --role node --listen "$prefix.2:7070" --node-name node02 \
+        --controller "$server" --containerd-address "$w/node02/containerd.sock" --namespace "$ns" \
+        --state-dir "$w/node02/mig" --token-file "$w/token" >"$w/agent-node02.log" 2>&1 &
+    for _ in $(seq 100); do
+        [ "$(ip netns exec "$n1" mig-server nodes --server "$server" 2>/dev/null | grep -c node0)" -ge 2 ] && return 0
+        sleep 0.2
+    done
+    return 1
+}
+
+# floor_bundle DIR BINARY SIZE: a runc bundle in DIR (made afresh) whose root holds BINARY alone,
+# run as `/<its name> SIZE`, with stdio that is not a terminal and a writable root: the
+# benchmarks' floor, run by hand with runc.
+floor_bundle() {
+    local b=$1 bin=$2 size=$3
+    rm -rf "$b" && mkdir -p "$b/rootfs" && cp "$bin" "$b/rootfs/"
+    (cd "$b" && runc spec)
+    python3 - "$b/config.json" "/$(basename "$bin")" "$size" <<'PY'
+import json, sys
+p, prog, size = sys.argv[1], sys.argv[2], sys.argv[3]
+s = json.load(open(p))
+s["process"]["terminal"] = False
+s["process"]["args"] = [prog, size]
+s["root"]["readonly"] = False
+json.dump(s, open(p, "w"))
+PY
+}

@@ -293,10 +293,7 @@ impl NodeAgent {
         // for, not containerd noting the exit a moment later (a rollback waits for that).
         let mut pending = self.store.pending(&identity)?;
         if pending.is_none() {
-            self.wait_for(ns, id, "stop after its checkpoint", |s| {
-                matches!(s, None | Some(TaskStatus::Stopped))
-            })
-            .await?;
+            self.wait_stopped(ns, id).await?;
             pending = self.store.pending(&identity)?;
         }
         let checkpoint = pending.ok_or_else(|| AgentError::Checkpoint {
@@ -595,10 +592,7 @@ impl NodeAgent {
             if self.store.pending(&identity)?.is_some() {
                 // Checkpointed, so its processes are gone: wait until containerd has noted
                 // the exit, lest a task still shown running be taken for one never stopped.
-                self.wait_for(&ns, &id, "stop after its checkpoint", |s| {
-                    matches!(s, None | Some(TaskStatus::Stopped))
-                })
-                .await?;
+                self.wait_stopped(&ns, &id).await?;
             }
             match self
                 .containerd
@@ -670,6 +664,14 @@ impl NodeAgent {
         Ok(report)
     }
 
+    /// Waits until containerd has noted that a checkpointed container's task stopped.
+    async fn wait_stopped(&self, ns: &SafeName, id: &SafeName) -> Result<(), AgentError> {
+        self.wait_for(ns, id, "stop after its checkpoint", |s| {
+            matches!(s, None | Some(TaskStatus::Stopped))
+        })
+        .await
+    }
+
     async fn wait_for(
         &self,
         ns: &SafeName,
@@ -730,7 +732,7 @@ fn private_dir(dir: &Path) -> Result<(), AgentError> {
 
 /// Writes JSON atomically (temp file, fsync, rename) with mode 0600: the shim must never read
 /// a half-written mark.
-fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<(), AgentError> {
+pub(crate) fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<(), AgentError> {
     let bytes = serde_json::to_vec_pretty(value).map_err(|e| AgentError::Io {
         what: format!("encode {}", path.display()),
         source: io::Error::other(e),

@@ -321,21 +321,10 @@ impl Controller {
             namespace: record.namespace.clone(),
             containers: record.containers.clone(),
         };
-        let timeout = self.config.migration_timeout;
-        let outcome = match tokio::time::timeout(timeout, self.run(id, origin, dest, &req)).await {
-            Ok(outcome) => outcome,
-            Err(_) => {
-                let phase = self
-                    .migration(id)
-                    .map(|m| m.phase)
-                    .unwrap_or(Phase::Pending);
-                Err(format!(
-                    "timed out after {timeout:?} while {}",
-                    phase.as_str()
-                ))
-            }
-        };
-        match outcome {
+        match self
+            .within_timeout(id, self.run(id, origin, dest, &req))
+            .await
+        {
             Ok(()) => {
                 // The workload runs on the destination: origin cleanup problems are warnings.
                 if let Err(e) = self.nodes_api.finish(origin, &req).await {
@@ -348,6 +337,29 @@ impl Controller {
                 info!(migration = %id, "migration done");
             }
             Err(reason) => self.recover(id, origin, dest, &req, reason).await,
+        }
+    }
+
+    /// Runs a migration's work within the migration timeout; when it runs out, the reason names
+    /// the phase it was in.
+    pub(crate) async fn within_timeout(
+        &self,
+        id: &str,
+        work: impl std::future::Future<Output = Result<(), String>>,
+    ) -> Result<(), String> {
+        let timeout = self.config.migration_timeout;
+        match tokio::time::timeout(timeout, work).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                let phase = self
+                    .migration(id)
+                    .map(|m| m.phase)
+                    .unwrap_or(Phase::Pending);
+                Err(format!(
+                    "timed out after {timeout:?} while {}",
+                    phase.as_str()
+                ))
+            }
         }
     }
 

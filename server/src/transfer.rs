@@ -18,7 +18,7 @@ use crate::agent::{AgentError, NodeAgent, safe};
 use crate::auth::Token;
 use crate::containerd::ContainerInfo;
 use crate::protocol::{ErrorBody, TransferSummary};
-use crate::stream::{StreamError, StreamStats, receive_checkpoint, send_checkpoint};
+use crate::stream::{Received, StreamError, StreamStats, receive_checkpoint, send_checkpoint};
 
 /// Chunks handed to the HTTP body; big enough to keep syscalls few.
 const CHUNK: usize = 256 * 1024;
@@ -175,11 +175,8 @@ impl NodeAgent {
         body: axum::body::Body,
     ) -> Result<TransferSummary, AgentError> {
         let migration = safe("migration id", migration)?;
-        let reader = StreamReader::new(body.into_data_stream().map_err(io::Error::other));
-        let input = SyncIoBridge::new(reader);
-        let store = self.store.clone();
-        let received = tokio::task::spawn_blocking(move || {
-            receive_checkpoint(input, &store, |info, manifest| {
+        let received = self
+            .receive_body(body, |info, manifest| {
                 let ns = SafeNameCheck::check("namespace", &info.namespace)?;
                 let id = SafeNameCheck::check("container id", &info.id)?;
                 let expected = WorkloadIdentity::container(ns, id).map_err(|e| e.to_string())?;
@@ -191,9 +188,7 @@ impl NodeAgent {
                 }
                 Ok(())
             })
-        })
-        .await
-        .map_err(|e| AgentError::Peer(format!("receiver thread failed: {e}")))??;
+            .await?;
         self.check_prepared(&migration, &received.info)?;
         self.record_received(&migration, &received.info)?;
         info!(container_id = %received.info.id, migration = %migration,
@@ -202,6 +197,25 @@ impl NodeAgent {
             raw_bytes: received.stats.raw_bytes,
             wire_bytes: received.stats.wire_bytes,
         })
+    }
+
+    /// Reads one checkpoint stream from an HTTP body into the store, on a blocking thread;
+    /// `accept` decides from its container record and manifest whether it is for this node
+    /// (see [`receive_checkpoint`]).
+    pub(crate) async fn receive_body(
+        &self,
+        body: axum::body::Body,
+        accept: impl FnOnce(&ContainerInfo, &mig_checkpoint::Manifest) -> Result<(), String>
+        + Send
+        + 'static,
+    ) -> Result<Received, AgentError> {
+        let reader = StreamReader::new(body.into_data_stream().map_err(io::Error::other));
+        let input = SyncIoBridge::new(reader);
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || receive_checkpoint(input, &store, accept))
+            .await
+            .map_err(|e| AgentError::Peer(format!("receiver thread failed: {e}")))?
+            .map_err(AgentError::from)
     }
 }
 

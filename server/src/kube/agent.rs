@@ -4,28 +4,23 @@
 //! (mark) and restores at the create (pending checkpoint).
 
 use std::collections::BTreeMap;
-use std::fs::{self, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs;
 use std::path::PathBuf;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::routing::post;
 use axum::{Json, Router, middleware};
-use futures_util::TryStreamExt;
 use mig_checkpoint::{SafeName, WorkloadIdentity};
-use tokio_util::io::{StreamReader, SyncIoBridge};
 use tracing::info;
 
 use super::{KubeIdentity, KubeSendRequest, WorkloadAction, WorkloadStatus, WorkloadsRequest};
-use crate::agent::{AgentError, NodeAgent, safe};
+use crate::agent::{AgentError, NodeAgent, safe, write_json};
 use crate::agent_routes::AgentState;
 use crate::auth::{Token, require_token};
 use crate::containerd::{ContainerInfo, WORKLOAD_LABEL};
 use crate::http::{ApiError, parse_json};
 use crate::protocol::TransferSummary;
-use crate::stream::receive_checkpoint;
 
 fn identity(k: &KubeIdentity) -> Result<WorkloadIdentity, AgentError> {
     for (what, v) in [
@@ -60,25 +55,11 @@ impl NodeAgent {
                 WorkloadAction::Mark => {
                     // A checkpoint left from an earlier attempt must not pass for this one.
                     self.store.remove(&id)?;
-                    let tmp = mark.with_extension("json.tmp");
-                    let body =
-                        serde_json::json!({"migration": migration.as_str(), "durable": false})
-                            .to_string();
-                    let write = || -> io::Result<()> {
-                        let mut f = OpenOptions::new()
-                            .write(true)
-                            .create(true)
-                            .truncate(true)
-                            .mode(0o600)
-                            .open(&tmp)?;
-                        f.write_all(body.as_bytes())?;
-                        f.sync_all()?;
-                        fs::rename(&tmp, &mark)
-                    };
-                    write().map_err(|source| AgentError::Io {
-                        what: format!("write {}", mark.display()),
-                        source,
-                    })?;
+                    // Not durable: the checkpoint is streamed away at once (the shim's `Mark`).
+                    write_json(
+                        &mark,
+                        &serde_json::json!({"migration": migration.as_str(), "durable": false}),
+                    )?;
                     info!(workload = %k, migration = %migration, "marked for checkpoint on stop");
                 }
                 WorkloadAction::Unmark | WorkloadAction::Discard => {
@@ -151,11 +132,8 @@ impl NodeAgent {
         body: Body,
     ) -> Result<TransferSummary, AgentError> {
         let migration = safe("migration id", migration)?;
-        let reader = StreamReader::new(body.into_data_stream().map_err(io::Error::other));
-        let input = SyncIoBridge::new(reader);
-        let store = self.store.clone();
-        let received = tokio::task::spawn_blocking(move || {
-            receive_checkpoint(input, &store, |info, manifest| {
+        let received = self
+            .receive_body(body, |info, manifest| {
                 let workload = info.labels.get(WORKLOAD_LABEL).cloned().unwrap_or_default();
                 let expected = KubeIdentity {
                     namespace: info.namespace.clone(),
@@ -171,9 +149,7 @@ impl NodeAgent {
                 }
                 Ok(())
             })
-        })
-        .await
-        .map_err(|e| AgentError::Peer(format!("receiver thread failed: {e}")))??;
+            .await?;
         info!(workload = %received.checkpoint.manifest().identity, migration = %migration,
               raw = received.stats.raw_bytes, wire = received.stats.wire_bytes,
               "checkpoint received; waiting for the kubelet to create the container");

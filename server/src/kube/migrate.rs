@@ -220,21 +220,8 @@ impl Controller {
         dest: &NodeInfo,
     ) {
         let stage = Mutex::new(Stage::BeforeStop);
-        let timeout = self.config.migration_timeout;
         let run = self.run_kube(kube, plan, id, origin, dest, &stage);
-        let outcome = match tokio::time::timeout(timeout, run).await {
-            Ok(outcome) => outcome,
-            Err(_) => {
-                let phase = self
-                    .migration(id)
-                    .map(|m| m.phase)
-                    .unwrap_or(Phase::Pending);
-                Err(format!(
-                    "timed out after {timeout:?} while {}",
-                    phase.as_str()
-                ))
-            }
-        };
+        let outcome = self.within_timeout(id, run).await;
         let stage = *lock(&stage);
         match outcome {
             Ok(()) => {
