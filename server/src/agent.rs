@@ -10,6 +10,9 @@
 //! migrations/<id>/<key>.json   the container record of each container of migration <id>
 //!                              (origin: taken before the checkpoint; destination: received)
 //! migrations/<id>/<key>.created  destination only: we created this container, abort deletes it
+//! incoming/<key>.json          destination only: {"migration": id}: the container and its
+//!                              task were created ahead of the checkpoint; the shim's create
+//!                              leaves what needs the checkpoint to the task's start
 //! ```
 //!
 //! The per-migration records are what make abort and rollback possible after the agent
@@ -114,10 +117,10 @@ pub struct NodeAgent {
 }
 
 impl NodeAgent {
-    /// Opens the state dir (creating `checkpoints/`, `marks/`, `migrations/`).
+    /// Opens the state dir (creating `checkpoints/`, `marks/`, `incoming/`, `migrations/`).
     pub fn new(config: AgentConfig, containerd: Arc<dyn Containerd>) -> Result<Self, AgentError> {
         let store = Store::open(config.state_dir.join("checkpoints"))?;
-        for dir in ["marks", "migrations"] {
+        for dir in ["marks", "incoming", "migrations"] {
             private_dir(&config.state_dir.join(dir))?;
         }
         remove_orphaned_receives(&store);
@@ -310,6 +313,13 @@ impl NodeAgent {
         })
     }
 
+    fn incoming_path(&self, key: &SafeName) -> PathBuf {
+        self.config
+            .state_dir
+            .join("incoming")
+            .join(format!("{key}.json"))
+    }
+
     fn mark_path(&self, key: &SafeName) -> PathBuf {
         self.config
             .state_dir
@@ -412,9 +422,11 @@ impl NodeAgent {
         Ok(out)
     }
 
-    /// Destination side, before the origin checkpoints: creates the migration's containers (not
-    /// their tasks) with our runtime, so that creating them is not part of the downtime. The
-    /// restore starts their tasks once the checkpoints are here; an abort deletes them.
+    /// Destination side, before the origin checkpoints: creates the migration's containers and
+    /// their tasks with our runtime, so that neither (nor starting the shim) is part of the
+    /// downtime. The incoming mark tells the shim that the checkpoint comes later: its create
+    /// does only what does not need the checkpoint, and the task's start restores from it. The
+    /// restore starts the tasks once the checkpoints are here; an abort deletes them.
     pub async fn prepare(
         &self,
         migration: &str,
@@ -431,15 +443,29 @@ impl NodeAgent {
                 .migration_dir(&migration)
                 .join(format!("{}.created", identity.safe_key()));
             self.ensure_created(info, &created_marker).await?;
+            write_json(
+                &self.incoming_path(&identity.safe_key()),
+                &serde_json::json!({ "migration": migration.as_str() }),
+            )?;
+            if self
+                .containerd
+                .task_status(ns.as_str(), id.as_str())
+                .await?
+                .is_none()
+            {
+                self.containerd
+                    .create_task(ns.as_str(), id.as_str())
+                    .await?;
+            }
             report
                 .done
-                .push(format!("{id} created on {}", self.config.name));
+                .push(format!("{id} and its task created on {}", self.config.name));
         }
         Ok(report)
     }
 
     /// At startup: aborts the migrations this node was the destination of whose containers,
-    /// created ahead ([`NodeAgent::prepare`]), never got a task: an agent that restarts
+    /// created ahead ([`NodeAgent::prepare`]), never started: an agent that restarts
     /// mid-migration was most likely killed during it, and no controller will abort them for
     /// it (nor would a stale received checkpoint be left to restore a later container of the
     /// workload). Should the migration go on, its restore finds nothing and it rolls back on
@@ -464,7 +490,7 @@ impl NodeAgent {
                     destination = true;
                     if !matches!(
                         self.containerd.task_status(&info.namespace, &info.id).await,
-                        Ok(None)
+                        Ok(None | Some(TaskStatus::Created))
                     ) {
                         started = true;
                     }
@@ -532,6 +558,7 @@ impl NodeAgent {
                 s == Some(TaskStatus::Running)
             })
             .await?;
+            remove_if_exists(&self.incoming_path(&Self::identity(&ns, &id)?.safe_key()));
             report
                 .done
                 .push(format!("{id} restored and running on {}", self.config.name));
@@ -563,6 +590,7 @@ impl NodeAgent {
                 }
             }
             let identity = WorkloadIdentity::container(ns, id)?;
+            remove_if_exists(&self.incoming_path(&identity.safe_key()));
             if self.store.remove(&identity)? {
                 report.done.push(format!(
                     "removed received checkpoint of {id} on {}",

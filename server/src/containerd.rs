@@ -1,9 +1,18 @@
-//! The node agent's seam to containerd: the [`Containerd`] trait and its `ctr` implementation.
+//! The node agent's seam to containerd: the [`Containerd`] trait and its two implementations.
 //!
-//! Shelling out to `ctr` keeps the server free of a gRPC stack (tonic, prost, generated
-//! containerd protos) that would double its build time; the operations a migration needs are
-//! few and `ctr` prints them in stable formats. Everything behind the trait is faked in the
-//! unit tests.
+//! - [`Grpc`] ([`grpc`]) is what the agent uses. The task operations (status, kill, create,
+//!   start, delete) are on a migration's critical path, so it speaks containerd's gRPC API
+//!   directly over its unix socket: one call costs a round trip on a channel kept open, where
+//!   spawning `ctr` costs 10-25 ms, and only the API can create a task without starting it
+//!   ([`Containerd::create_task`]), so that the shim's Create can run ahead of the restore.
+//!   The few messages it needs are declared by hand with prost (no protoc, no generated
+//!   containerd protos).
+//! - [`Ctr`] shells out to the `ctr` command line. [`Grpc`] delegates the container records to
+//!   it (list by label, info, create, delete): they are off the critical path, and `ctr
+//!   containers create` builds the OCI spec (image config, default mounts, namespaces) from
+//!   the few options [`create_args`] rebuilds, which the API would leave to us.
+//!
+//! Everything behind the trait is faked in the unit tests.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -13,6 +22,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::process::Command;
+
+pub mod grpc;
+
+pub use grpc::Grpc;
 
 /// The label that groups containers into a "deployment" outside Kubernetes.
 pub const WORKLOAD_LABEL: &str = "mig.dev/workload";
@@ -48,7 +61,7 @@ pub enum TaskStatus {
     Paused,
     /// Exited; the task still exists until deleted.
     Stopped,
-    /// Anything else `ctr` printed.
+    /// Anything else containerd reported.
     Unknown,
 }
 
@@ -108,7 +121,15 @@ pub trait Containerd: Send + Sync {
     async fn kill(&self, namespace: &str, id: &str, signal: &str) -> Result<(), ContainerdError>;
     /// Creates the container described by `info` (image, spec, labels) with `runtime`.
     async fn create(&self, info: &ContainerInfo, runtime: &str) -> Result<(), ContainerdError>;
-    /// Starts a task for an existing container, detached, with its IO discarded.
+    /// Creates the task of an existing container without starting it: containerd starts the
+    /// shim and calls its Create (for our shim: the restore's preparation), and the task is
+    /// then [`TaskStatus::Created`]. Its IO is discarded (no stdin, stdout, stderr nor
+    /// terminal), as with `ctr tasks start --null-io`. Fails if the container already has a
+    /// task, and with [`ContainerdError::NotFound`] if there is no such container.
+    async fn create_task(&self, namespace: &str, id: &str) -> Result<(), ContainerdError>;
+    /// Starts a task for an existing container, detached, with its IO discarded: the task made
+    /// by [`Containerd::create_task`] if it is [`TaskStatus::Created`], else a new one (created
+    /// and started). Fails if the container has a task in any other state.
     async fn start_task(&self, namespace: &str, id: &str) -> Result<(), ContainerdError>;
     /// Deletes the (stopped) task; `force` kills it first.
     async fn delete_task(
@@ -248,6 +269,18 @@ impl Containerd for Ctr {
         self.run(&info.namespace, &args).await.map(drop)
     }
 
+    /// Unsupported: `ctr` has no command that creates a task without starting it ([`Grpc`]
+    /// does it).
+    async fn create_task(&self, namespace: &str, id: &str) -> Result<(), ContainerdError> {
+        Err(ContainerdError::Command {
+            command: format!("ctr --namespace {namespace} tasks create {id}"),
+            message: "ctr cannot create a task without starting it; use the gRPC implementation"
+                .into(),
+        })
+    }
+
+    /// `ctr tasks start`, which creates the task too: unlike [`Grpc`]'s, it fails on a task
+    /// already created.
     async fn start_task(&self, namespace: &str, id: &str) -> Result<(), ContainerdError> {
         self.run(
             namespace,

@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use mig_server::agent::{AgentConfig, NodeAgent};
 use mig_server::agent_routes::AgentState;
 use mig_server::auth::Token;
-use mig_server::containerd::Ctr;
+use mig_server::containerd::{Ctr, Grpc};
 use mig_server::controller::{Controller, ControllerConfig};
 use mig_server::kube::client::{HttpKube, KubeConfig};
 use mig_server::node_client::HttpNodes;
@@ -141,10 +141,11 @@ async fn serve(args: ServeArgs, token: Token) -> Result<()> {
         .context("building the HTTP client")?;
     let runs_agent = args.role != Role::Controller;
     let agent = if runs_agent {
-        let ctr = Ctr::new(
+        // Task operations over containerd's gRPC API, container records through ctr.
+        let containerd = Grpc::new(Ctr::new(
             &args.containerd_address,
             Duration::from_secs(args.wait_timeout_secs),
-        );
+        ));
         let agent = NodeAgent::new(
             AgentConfig {
                 name: args.node_name.clone(),
@@ -153,7 +154,7 @@ async fn serve(args: ServeArgs, token: Token) -> Result<()> {
                 zstd_level: args.zstd_level,
                 wait_timeout: Duration::from_secs(args.wait_timeout_secs),
             },
-            Arc::new(ctr),
+            Arc::new(containerd),
         )
         .with_context(|| format!("opening the state dir {}", args.state_dir.display()))?;
         agent.remove_unstarted_prepared().await;

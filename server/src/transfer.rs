@@ -88,6 +88,7 @@ impl NodeAgent {
             destination.trim_end_matches('/')
         );
         let mut total = TransferSummary::default();
+        let started = std::time::Instant::now();
         for id in containers {
             let id = safe("container id", id)?;
             let identity = WorkloadIdentity::container(ns.as_str(), id.as_str())?;
@@ -96,7 +97,7 @@ impl NodeAgent {
             let stats = self
                 .stream_checkpoint(http, token, &url, dir, info, &format!("{id}"))
                 .await?;
-            info!(container_id = %id, raw = stats.raw_bytes, wire = stats.wire_bytes, "checkpoint sent");
+            info!(container_id = %id, raw = stats.raw_bytes, wire = stats.wire_bytes, elapsed_ms = started.elapsed().as_millis() as u64, "checkpoint sent");
             total.raw_bytes += stats.raw_bytes;
             total.wire_bytes += stats.wire_bytes;
         }
@@ -175,6 +176,7 @@ impl NodeAgent {
         body: axum::body::Body,
     ) -> Result<TransferSummary, AgentError> {
         let migration = safe("migration id", migration)?;
+        let started = std::time::Instant::now();
         let received = self
             .receive_body(body, |info, manifest| {
                 let ns = SafeNameCheck::check("namespace", &info.namespace)?;
@@ -192,7 +194,8 @@ impl NodeAgent {
         self.check_prepared(&migration, &received.info)?;
         self.record_received(&migration, &received.info)?;
         info!(container_id = %received.info.id, migration = %migration,
-              raw = received.stats.raw_bytes, wire = received.stats.wire_bytes, "checkpoint received");
+              raw = received.stats.raw_bytes, wire = received.stats.wire_bytes,
+              elapsed_ms = started.elapsed().as_millis() as u64, "checkpoint received");
         Ok(TransferSummary {
             raw_bytes: received.stats.raw_bytes,
             wire_bytes: received.stats.wire_bytes,

@@ -180,6 +180,23 @@ impl Containerd for FakeContainerd {
         })
     }
 
+    async fn create_task(&self, _ns: &str, id: &str) -> Result<(), ContainerdError> {
+        self.with(|s| {
+            s.calls.push(format!("create-task {id}"));
+            match s.containers.get_mut(id) {
+                Some(c) if c.1.is_none() => {
+                    c.1 = Some(TaskStatus::Created);
+                    Ok(())
+                }
+                Some(_) => Err(ContainerdError::Command {
+                    command: "create-task".into(),
+                    message: "already exists".into(),
+                }),
+                None => Err(Self::not_found(id)),
+            }
+        })
+    }
+
     async fn start_task(&self, ns: &str, id: &str) -> Result<(), ContainerdError> {
         let identity = WorkloadIdentity::container(ns, id).expect("identity");
         let fail = self.with(|s| {

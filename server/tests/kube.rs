@@ -60,6 +60,9 @@ impl Containerd for NoContainerd {
     async fn create(&self, info: &ContainerInfo, _: &str) -> Result<(), ContainerdError> {
         Err(unused(&info.id))
     }
+    async fn create_task(&self, _: &str, id: &str) -> Result<(), ContainerdError> {
+        Err(unused(id))
+    }
     async fn start_task(&self, _: &str, id: &str) -> Result<(), ContainerdError> {
         Err(unused(id))
     }

@@ -2,6 +2,8 @@
 
 use std::{collections::HashMap, path::PathBuf, sync::Arc};
 
+use containerd_shim::protos::types::mount::Mount;
+
 use crate::{
     error::{Error, Result},
     process::Process,
@@ -28,6 +30,9 @@ pub struct Container {
     pub restore_from: Option<PathBuf>,
     /// What makes it migratable; `None` for the pod's pause container.
     pub workload: Option<Workload>,
+    /// For a container created ahead of its checkpoint (a migration's destination): its root
+    /// mounts, mounted at start once the checkpoint is here.
+    pub deferred: Option<Vec<Mount>>,
 }
 
 impl Container {

@@ -81,6 +81,17 @@ fn durable_by_default() -> bool {
     true
 }
 
+/// An incoming mark: the node agent of a migration's destination created this workload's
+/// container (and its task) ahead of the checkpoint, which is still on its way. Create then
+/// leaves everything that depends on the checkpoint (unpacking it, mounting the root, runc) to
+/// start, which restores from it, or fails when none has arrived.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Incoming {
+    /// The migration the checkpoint comes with.
+    #[serde(default)]
+    pub migration: String,
+}
+
 impl NodeConfig {
     /// The configuration from the runtime options, then the environment containerd gave the
     /// shim (`MIG_STATE_DIR`, `MIG_ENGINE`, `MIG_DMTCP_DIR`, `MIG_RESTORE_HOOK`), then defaults.
@@ -145,6 +156,37 @@ impl NodeConfig {
                 source: e,
             }),
         }
+    }
+
+    fn incoming_path(&self, identity: &WorkloadIdentity) -> PathBuf {
+        self.state_dir
+            .join("incoming")
+            .join(format!("{}.json", identity.key()))
+    }
+
+    /// The incoming mark for `identity`, if the node agent set one (it removes it once the
+    /// workload runs, or when the migration is aborted).
+    pub fn incoming(&self, identity: &WorkloadIdentity) -> Result<Option<Incoming>> {
+        let path = self.incoming_path(identity);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| {
+                Error::InvalidArgument(format!(
+                    "incoming mark {} is not valid JSON ({e}); expected {{\"migration\": \"ID\"}}",
+                    path.display()
+                ))
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::Io {
+                context: format!("read incoming mark {}", path.display()),
+                source: e,
+            }),
+        }
+    }
+
+    /// Sets an incoming mark (what the node agent does; also used by tests).
+    pub fn set_incoming(&self, identity: &WorkloadIdentity, incoming: &Incoming) -> Result<()> {
+        let path = self.incoming_path(identity);
+        write_private(&path, &serde_json::to_vec(incoming).unwrap_or_default())
     }
 
     /// Sets a migration mark (what the node agent does; also used by tests).
@@ -244,5 +286,26 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         node.clear_mark(&id);
         assert_eq!(node.mark(&id).unwrap(), None);
+    }
+
+    #[test]
+    fn incoming_marks_round_trip_and_bad_ones_say_what_is_expected() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = NodeConfig {
+            state_dir: dir.path().into(),
+            default_engine: EngineKind::Criu,
+            dmtcp_dir: None,
+            hook_binary: DEFAULT_HOOK.into(),
+        };
+        let id = WorkloadIdentity::container("default", "counter").unwrap();
+        assert_eq!(node.incoming(&id).unwrap(), None);
+        let incoming = Incoming {
+            migration: "m-1".into(),
+        };
+        node.set_incoming(&id, &incoming).unwrap();
+        assert_eq!(node.incoming(&id).unwrap(), Some(incoming));
+        std::fs::write(node.incoming_path(&id), "not json").unwrap();
+        let err = node.incoming(&id).unwrap_err().to_string();
+        assert!(err.contains("expected {\"migration\""), "{err}");
     }
 }

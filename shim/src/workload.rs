@@ -268,21 +268,7 @@ impl Workload {
                 Engine::Dmtcp { install, dirs }
             }
         };
-        let store = node.store()?;
-        let pending = store.pending(&identity).map_err(|e| {
-            Error::Other(format!("look up a checkpoint for {}: {e}", identity.key()))
-        })?;
-        if let Some(ckpt) = &pending {
-            let verified = ckpt.verify_for_restore(&engine.info()).map_err(|e| {
-                Error::FailedPrecondition(format!(
-                    "container {id} has a checkpoint waiting ({}) but it cannot be restored: \
-                     {e}; remove it to start the workload afresh",
-                    ckpt.dir().display()
-                ))
-            })?;
-            tracing::info!(container_id = %id, checkpoint = %ckpt.dir().display(), engine = %ckpt.engine(), ?verified, "restoring from checkpoint");
-        }
-        Ok(Self {
+        let mut w = Self {
             image: notes
                 .get(annotation::IMAGE_NAME)
                 .cloned()
@@ -297,8 +283,34 @@ impl Workload {
             rootfs,
             node,
             scratch,
-            pending,
-        })
+            pending: None,
+        };
+        w.load_pending(id)?;
+        Ok(w)
+    }
+
+    /// Looks up the workload's pending checkpoint in the node's store and verifies it for
+    /// this engine (at create; for a container created ahead of its checkpoint, at start).
+    pub fn load_pending(&mut self, id: &str) -> Result<()> {
+        let store = self.node.store()?;
+        let pending = store.pending(&self.identity).map_err(|e| {
+            Error::Other(format!(
+                "look up a checkpoint for {}: {e}",
+                self.identity.key()
+            ))
+        })?;
+        if let Some(ckpt) = &pending {
+            let verified = ckpt.verify_for_restore(&self.engine.info()).map_err(|e| {
+                Error::FailedPrecondition(format!(
+                    "container {id} has a checkpoint waiting ({}) but it cannot be restored: \
+                     {e}; remove it to start the workload afresh",
+                    ckpt.dir().display()
+                ))
+            })?;
+            tracing::info!(container_id = %id, checkpoint = %ckpt.dir().display(), engine = %ckpt.engine(), ?verified, "restoring from checkpoint");
+        }
+        self.pending = pending;
+        Ok(())
     }
 
     /// Fills the new container from its pending checkpoint before its root is mounted: the

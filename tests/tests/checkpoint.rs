@@ -615,6 +615,63 @@ fn mark_makes_sigterm_checkpoint() {
     p.assert_clean();
 }
 
+/// A container created ahead of its checkpoint (what the destination's node agent does for a
+/// migration, with its incoming mark): the shim's create leaves the checkpoint to the start,
+/// which fails with a clear error while none has arrived, and restores from one that arrived
+/// after the create.
+#[test]
+fn incoming_mark_defers_the_restore_to_start() {
+    let test = "incoming_mark_defers_the_restore_to_start";
+    let Some(p) = Pair::start(test, &[], None) else {
+        return;
+    };
+    let vol_a = p.volume("vol-a");
+    let flags = Pair::volume_flags(&vol_a, &[CHECKPOINT_ON_STOP]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    p.run(&p.a, &flags, &["sh", "-c", COUNTER]).unwrap();
+    let last = checkpoint_on_a(&p, &vol_a, "CRIU", 137);
+
+    let incoming = p.state(&p.b).join("incoming");
+    fs::create_dir_all(&incoming).unwrap();
+    let mark = incoming.join(format!("{}.json", p.key));
+    fs::write(&mark, r#"{"migration":"m-ahead"}"#).unwrap();
+    let vol_b = p.volume("vol-b");
+    let flags_b = Pair::volume_flags(&vol_b, &[CHECKPOINT_ON_STOP]);
+    let flag_refs: Vec<&str> = flags_b.iter().map(String::as_str).collect();
+    // No checkpoint on B yet: the create succeeds (nothing needs it), the start cannot.
+    let (out, what) = p.run_output(&p.b, &flag_refs, &["sh", "-c", COUNTER]);
+    assert!(
+        !out.status.success(),
+        "`{what}` started a container waiting for its checkpoint without one"
+    );
+    let err = stderr(&out);
+    for needle in [
+        "created ahead of a migration's checkpoint",
+        "no checkpoint of it has arrived",
+    ] {
+        assert!(
+            err.contains(needle),
+            "the error of `{what}` should say {needle:?}; got: {err}\nshim log:\n{}",
+            p.b.log_lines_with(ID)
+        );
+    }
+    if p.b.task_status(ID).unwrap().is_some() {
+        p.b.ctr(&["task", "delete", "--force", ID]);
+    }
+    p.b.ctr_ok(&["containers", "rm", ID]).unwrap();
+    assert!(
+        fs::read_dir(&vol_b).unwrap().next().is_none(),
+        "the volume on B was filled although no checkpoint was there"
+    );
+
+    // The checkpoint arrives; created again ahead of... nothing: the start restores from it.
+    move_checkpoint(&p.checkpoint(&p.a), &p.checkpoint(&p.b));
+    resume_on_b(&p, &flags_b, &vol_b, last);
+    fs::remove_file(&mark).unwrap();
+    p.remove(&p.b);
+    p.assert_clean();
+}
+
 /// containerd's own path: `ctr containers checkpoint --task --rw`, the checkpoint image
 /// exported and imported, `ctr containers restore --live --rw`.
 #[test]

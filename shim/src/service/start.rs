@@ -1,10 +1,24 @@
 //! Create and start: a container (from its image, or restored from a checkpoint) and its execs.
 
+use containerd_shim::protos::types::mount::Mount;
+
 use super::*;
+
+/// What create (or a deferred start) put in place for a container's init.
+struct Assembled {
+    /// The root the shim mounted without an overlay of its own, if any.
+    rootfs: Option<PathBuf>,
+    /// The CRIU images to restore from at start.
+    restore_from: Option<PathBuf>,
+    /// The init: created by runc, or waiting for its restore.
+    init: Process,
+}
 
 impl Service {
     /// `Create`: mounts the root filesystem and has runc create the container (or, with a
-    /// checkpoint, prepares it to be restored at start).
+    /// checkpoint, prepares it to be restored at start). A container created ahead of its
+    /// checkpoint (the node agent's incoming mark, on a migration's destination) does only
+    /// what does not depend on the checkpoint; its start does the rest.
     pub async fn create(&self, req: &CreateTaskRequest) -> Result<u32> {
         validate_id(&req.id)?;
         if self.container(&req.id).is_ok() {
@@ -28,67 +42,49 @@ impl Service {
             }
             _ => None,
         };
-        let rootfs = match workload.as_ref().and_then(|w| w.rootfs.as_ref()) {
-            Some(overlay) => {
-                let w = workload.as_ref().expect("checked above");
-                w.unpack_pending().await?;
-                overlay.mount(&req.rootfs, &bundle).await?;
-                None
-            }
-            None => mount_rootfs(&req.rootfs, &bundle).await?,
-        };
-        let unmount_all = |workload: &Option<Workload>, rootfs: &Option<PathBuf>| {
-            if let Some(r) = workload.as_ref().and_then(|w| w.rootfs.as_ref()) {
-                r.unmount();
-            }
-            if let Some(root) = rootfs {
-                unmount_rootfs(root);
-            }
-        };
-        if let (Some(w), Some(spec)) = (&workload, spec.as_mut())
-            && let Err(e) = w.wrap_entrypoint(spec, &bundle)
-        {
-            unmount_all(&workload, &rootfs);
-            return Err(e);
-        }
-        let dmtcp = workload.as_ref().map(|w| w.engine.kind()) == Some(EngineKind::Dmtcp);
-        let restore_from = if !req.checkpoint.is_empty() {
-            // A DMTCP container restarts from the images the hook finds; CRIU's are restored
-            // by runc at start.
-            (!dmtcp).then(|| PathBuf::from(&req.checkpoint))
-        } else {
-            workload
-                .as_ref()
-                .filter(|w| w.engine.kind() == EngineKind::Criu)
-                .and_then(|w| w.pending.as_ref())
-                .map(|c| c.images_dir())
+        let incoming = match &workload {
+            Some(w) if req.checkpoint.is_empty() => w.node.incoming(&w.identity)?,
+            _ => None,
         };
         let paths = Paths::new(&req.stdin, &req.stdout, &req.stderr, req.terminal);
-        let created = self
-            .create_in(req, &bundle, &paths, runtime.clone(), restore_from.clone())
-            .await;
-        let init = match created {
-            Ok(v) => v,
-            Err(e) => {
-                unmount_all(&workload, &rootfs);
-                return Err(e);
+        let (assembled, deferred) = match incoming {
+            Some(incoming) => {
+                tracing::info!(container_id = %req.id, migration = %incoming.migration, "created ahead of its checkpoint; it is restored at start");
+                let waiting = Assembled {
+                    rootfs: None,
+                    restore_from: None,
+                    init: Process::new("", paths, Status::CreatedFromCheckpoint),
+                };
+                (waiting, Some(req.rootfs.to_vec()))
+            }
+            None => {
+                let native = (!req.checkpoint.is_empty()).then(|| PathBuf::from(&req.checkpoint));
+                let assembled = self
+                    .assemble(
+                        &req.id,
+                        &req.rootfs,
+                        &bundle,
+                        spec.as_mut(),
+                        workload.as_ref(),
+                        native,
+                        &paths,
+                        runtime.clone(),
+                    )
+                    .await?;
+                (assembled, None)
             }
         };
-        if dmtcp && workload.as_ref().is_some_and(|w| w.pending.is_some()) {
-            // The restore-hook restarts from the images at start; the start decides whether
-            // the restore worked.
-            tracing::info!(container_id = %req.id, "DMTCP restart staged");
-        }
-        let pid = init.pid;
+        let pid = assembled.init.pid;
         let container = Container {
             id: req.id.clone(),
             bundle,
-            rootfs,
+            rootfs: assembled.rootfs,
             runtime,
-            init,
+            init: assembled.init,
             execs: HashMap::new(),
-            restore_from,
+            restore_from: assembled.restore_from,
             workload,
+            deferred,
         };
         self.containers
             .lock()
@@ -116,9 +112,81 @@ impl Service {
         Ok(pid as u32)
     }
 
+    /// The part of create that depends on the checkpoint, if any: fills the container from it
+    /// (upper layer, volumes, DMTCP images), mounts the root, wraps the entrypoint (DMTCP) and
+    /// has runc create the container, unless a CRIU restore (from `native`, containerd's own
+    /// checkpoint, or the workload's pending one) replaces runc's create and start. Undoes its
+    /// mounts when it fails.
+    #[allow(clippy::too_many_arguments)]
+    async fn assemble(
+        &self,
+        id: &str,
+        mounts: &[Mount],
+        bundle: &Path,
+        spec: Option<&mut oci_spec::runtime::Spec>,
+        workload: Option<&Workload>,
+        native: Option<PathBuf>,
+        paths: &Paths,
+        runtime: Arc<dyn Runtime>,
+    ) -> Result<Assembled> {
+        let rootfs = match workload.and_then(|w| w.rootfs.as_ref()) {
+            Some(overlay) => {
+                let w = workload.expect("checked above");
+                w.unpack_pending().await?;
+                overlay.mount(mounts, bundle).await?;
+                None
+            }
+            None => mount_rootfs(mounts, bundle).await?,
+        };
+        let unmount_all = |rootfs: &Option<PathBuf>| {
+            if let Some(r) = workload.and_then(|w| w.rootfs.as_ref()) {
+                r.unmount();
+            }
+            if let Some(root) = rootfs {
+                unmount_rootfs(root);
+            }
+        };
+        if let (Some(w), Some(spec)) = (workload, spec)
+            && let Err(e) = w.wrap_entrypoint(spec, bundle)
+        {
+            unmount_all(&rootfs);
+            return Err(e);
+        }
+        let dmtcp = workload.map(|w| w.engine.kind()) == Some(EngineKind::Dmtcp);
+        let restore_from = match native {
+            // A DMTCP container restarts from the images the hook finds; CRIU's are restored
+            // by runc at start.
+            Some(images) => (!dmtcp).then_some(images),
+            None => workload
+                .filter(|w| w.engine.kind() == EngineKind::Criu)
+                .and_then(|w| w.pending.as_ref())
+                .map(|c| c.images_dir()),
+        };
+        let init = match self
+            .create_in(id, bundle, paths, runtime, restore_from.clone())
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                unmount_all(&rootfs);
+                return Err(e);
+            }
+        };
+        if dmtcp && workload.is_some_and(|w| w.pending.is_some()) {
+            // The restore-hook restarts from the images at start; the start decides whether
+            // the restore worked.
+            tracing::info!(container_id = %id, "DMTCP restart staged");
+        }
+        Ok(Assembled {
+            rootfs,
+            restore_from,
+            init,
+        })
+    }
+
     async fn create_in(
         &self,
-        req: &CreateTaskRequest,
+        id: &str,
         bundle: &Path,
         paths: &Paths,
         runtime: Arc<dyn Runtime>,
@@ -133,18 +201,18 @@ impl Service {
             ));
         }
         let (child, pending) = PendingIo::prepare(paths)?;
-        let pid = match runtime.create(&req.id, bundle, child).await {
+        let pid = match runtime.create(id, bundle, child).await {
             Ok(pid) => pid,
             Err(e) => {
                 pending.abandon().await;
-                let _ = runtime.delete(&req.id, true).await;
+                let _ = runtime.delete(id, true).await;
                 return Err(e);
             }
         };
         let io = match pending.attach().await {
             Ok(io) => io,
             Err(e) => {
-                let _ = runtime.delete(&req.id, true).await;
+                let _ = runtime.delete(id, true).await;
                 return Err(e);
             }
         };
@@ -155,7 +223,7 @@ impl Service {
         self.pids
             .lock()
             .expect("pid index poisoned")
-            .register(pid, &req.id, "");
+            .register(pid, id, "");
         Ok(init)
     }
 
@@ -192,6 +260,9 @@ impl Service {
     }
 
     async fn start_init(self: &Arc<Self>, c: &mut Container) -> Result<u32> {
+        if c.deferred.is_some() {
+            self.assemble_deferred(c).await?;
+        }
         match c.init.status {
             Status::Created => c.runtime.start(&c.id).await?,
             Status::CreatedFromCheckpoint => self.restore_init(c).await?,
@@ -218,6 +289,51 @@ impl Service {
             },
         );
         Ok(c.init.pid as u32)
+    }
+
+    /// For a container created ahead of its checkpoint: the checkpoint must be here now; the
+    /// rest of create ([`Service::assemble`]) happens with it. The init keeps its identity
+    /// (containerd may already wait on it).
+    async fn assemble_deferred(&self, c: &mut Container) -> Result<()> {
+        let mounts = c.deferred.clone().unwrap_or_default();
+        let w = c.workload.as_mut().ok_or_else(|| {
+            Error::Other(format!(
+                "container {} waits for a checkpoint but has no workload",
+                c.id
+            ))
+        })?;
+        w.load_pending(&c.id)?;
+        if w.pending.is_none() {
+            let store = w.node.store()?;
+            return Err(Error::FailedPrecondition(format!(
+                "container {} was created ahead of a migration's checkpoint (incoming mark of \
+                 workload {}), but no checkpoint of it has arrived in {}: it cannot start; \
+                 delete it, or start it once the checkpoint is there",
+                c.id,
+                w.identity.key(),
+                store.path_for(&w.identity).display()
+            )));
+        }
+        let mut spec = load_spec(&c.bundle)?;
+        let mut assembled = self
+            .assemble(
+                &c.id,
+                &mounts,
+                &c.bundle,
+                spec.as_mut(),
+                c.workload.as_ref(),
+                None,
+                &c.init.paths,
+                c.runtime.clone(),
+            )
+            .await?;
+        c.deferred = None;
+        c.rootfs = assembled.rootfs;
+        c.restore_from = assembled.restore_from;
+        c.init.pid = assembled.init.pid;
+        c.init.io = assembled.init.io.take();
+        c.init.status = assembled.init.status;
+        Ok(())
     }
 
     async fn restore_init(self: &Arc<Self>, c: &mut Container) -> Result<()> {

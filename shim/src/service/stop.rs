@@ -148,7 +148,8 @@ impl Service {
             unmount_rootfs(&root);
         }
         if let Some(w) = &c.workload {
-            if let Some(r) = &w.rootfs {
+            // A container still waiting for its checkpoint never mounted its root.
+            if let (Some(r), None) = (&w.rootfs, &c.deferred) {
                 r.unmount();
             }
             w.remove_scratch();
