@@ -7,10 +7,9 @@
 use std::io::{self, Write};
 
 use bytes::Bytes;
-use futures_util::TryStreamExt;
+use futures_util::StreamExt;
 use mig_checkpoint::WorkloadIdentity;
 use tokio::sync::mpsc;
-use tokio_util::io::{StreamReader, SyncIoBridge};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -21,7 +20,13 @@ use crate::protocol::{ErrorBody, TransferSummary};
 use crate::stream::{Received, StreamError, StreamStats, receive_checkpoint, send_checkpoint};
 
 /// Chunks handed to the HTTP body; big enough to keep syscalls few.
-const CHUNK: usize = 256 * 1024;
+const CHUNK: usize = 1024 * 1024;
+/// Chunks in flight between the encoder thread and the HTTP client.
+const SEND_DEPTH: usize = 8;
+/// Body chunks (as hyper reads them, tens of KiB) the receiver buffers between the connection
+/// and its decoding thread: the connection is read ahead while the thread decodes, instead of
+/// only when the thread asks for more.
+const RECEIVE_DEPTH: usize = 256;
 
 /// A `Write` that sends full chunks into a channel feeding the request body.
 ///
@@ -116,7 +121,7 @@ impl NodeAgent {
         info: ContainerInfo,
         what: &str,
     ) -> Result<StreamStats, AgentError> {
-        let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(4);
+        let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(SEND_DEPTH);
         let level = self.config.zstd_level;
         let cancel = CancellationToken::new();
         let mut out = ChannelWriter {
@@ -212,13 +217,47 @@ impl NodeAgent {
         + Send
         + 'static,
     ) -> Result<Received, AgentError> {
-        let reader = StreamReader::new(body.into_data_stream().map_err(io::Error::other));
-        let input = SyncIoBridge::new(reader);
+        let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(RECEIVE_DEPTH);
+        let pump = tokio::spawn(async move {
+            let mut frames = body.into_data_stream();
+            while let Some(frame) = frames.next().await {
+                if tx.send(frame.map_err(io::Error::other)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let input = ChannelReader {
+            rx,
+            current: Bytes::new(),
+        };
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || receive_checkpoint(input, &store, accept))
-            .await
+        let received =
+            tokio::task::spawn_blocking(move || receive_checkpoint(input, &store, accept)).await;
+        // Done or failed: what is left of the body is not read.
+        pump.abort();
+        received
             .map_err(|e| AgentError::Peer(format!("receiver thread failed: {e}")))?
             .map_err(AgentError::from)
+    }
+}
+
+/// The receiving end of [`NodeAgent::receive_body`]'s pump, read on a blocking thread.
+struct ChannelReader {
+    rx: mpsc::Receiver<io::Result<Bytes>>,
+    current: Bytes,
+}
+
+impl io::Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.current.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(frame) => self.current = frame?,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current.split_to(n));
+        Ok(n)
     }
 }
 

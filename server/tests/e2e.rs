@@ -530,6 +530,14 @@ fn migrate_between_two_nodes_with_faults() {
         mig_dir_clean(&state_b),
         "partial data left on the destination"
     );
+    // The container and its task, created ahead on the destination, went with the abort.
+    assert!(
+        b.ctr_ok(&["containers", "ls", "-q"])
+            .expect("ls")
+            .trim()
+            .is_empty(),
+        "the container created ahead is left on the destination"
+    );
 
     // 2. Restore fails on the destination (its image is gone, so create fails).
     b.ctr_ok(&["images", "rm", &image.name]).expect("rm image");
@@ -588,14 +596,42 @@ fn migrate_between_two_nodes_with_faults() {
             .is_empty(),
         "still on origin"
     );
+    let incoming = std::fs::read_dir(state_b.join("incoming"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(incoming, 0, "the incoming mark is left after the restore");
     drop(agent_b);
 }
 
-/// No checkpoint, temp dir or migration record left in a node's state dir.
+/// No checkpoint, temp dir, migration record or incoming mark left in a node's state dir.
+/// A receive that failed on its own (the stream ended or broke) removes its temp dir when its
+/// thread notices, which may be a moment after the migration was marked failed: wait a little.
 fn mig_dir_clean(state: &Path) -> bool {
-    ["checkpoints", "migrations"].iter().all(|d| {
-        std::fs::read_dir(state.join(d))
-            .map(|mut e| e.next().is_none())
-            .unwrap_or(true)
-    })
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = mig_dir_leftovers(state);
+        if left.is_empty() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            eprintln!("left in {}: {left:?}", state.display());
+            return false;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn mig_dir_leftovers(state: &Path) -> Vec<String> {
+    ["checkpoints", "migrations", "incoming"]
+        .iter()
+        .flat_map(|d| {
+            std::fs::read_dir(state.join(d))
+                .map(|e| {
+                    e.flatten()
+                        .map(|e| format!("{d}/{}", e.file_name().to_string_lossy()))
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+        })
+        .collect()
 }
