@@ -67,7 +67,7 @@ pub use error::{Corruption, Error, Result};
 pub use identity::{WorkloadIdentity, annotations, workload_from_pod_name};
 pub use manifest::{
     EngineInfo, FORMAT_VERSION, FileEntry, IMAGES_DIR, MANIFEST_FILE, Manifest, ROOTFS_DIR,
-    UPPER_LAYER_FILE, VOLUMES_DIR, sha256_file,
+    UPPER_LAYER_FILE, VOLUMES_DIR, sha256_file, validate_relative_path,
 };
 pub use name::SafeName;
 pub use store::Store;

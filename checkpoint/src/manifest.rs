@@ -289,7 +289,7 @@ fn is_sha256_hex(s: &str) -> bool {
 
 /// Checks a manifest path: `/`-separated, under a payload directory, no empty, `.` or `..`
 /// component, no NUL, bounded length.
-pub(crate) fn validate_relative_path(path: &str) -> Result<(), &'static str> {
+pub fn validate_relative_path(path: &str) -> Result<(), &'static str> {
     if path.len() > 4096 {
         return Err("longer than 4096 bytes");
     }

@@ -157,6 +157,33 @@ impl Store {
         Ok(removed)
     }
 
+    /// The temporary directory of a checkpoint of `identity` being written right now (by
+    /// [`Store::begin`], in this or another process), the newest if there are several; `None`
+    /// when there is none. Its files are the engine's as it writes them: for following them
+    /// (a migration streams the images while they are written), never for restoring.
+    pub fn writing(&self, identity: &WorkloadIdentity) -> Result<Option<PathBuf>> {
+        let prefix = format!(".tmp-{}-", identity.safe_key());
+        let mut newest: Option<(u128, PathBuf)> = None;
+        for entry in fs::read_dir(&self.root).map_err(io_err("list", &self.root))? {
+            let entry = entry.map_err(io_err("list", &self.root))?;
+            let name = entry.file_name();
+            let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
+                continue;
+            };
+            // `<pid>-<nanos>-<counter>`: anything else belongs to another key that starts
+            // with this one (`a-1` and `a-1-2`).
+            let parts: Vec<&str> = rest.split('-').collect();
+            if parts.len() != 3 || !parts.iter().all(|p| p.bytes().all(|b| b.is_ascii_digit())) {
+                continue;
+            }
+            let nanos: u128 = parts[1].parse().unwrap_or_default();
+            if newest.as_ref().is_none_or(|(n, _)| nanos >= *n) {
+                newest = Some((nanos, entry.path()));
+            }
+        }
+        Ok(newest.map(|(_, p)| p))
+    }
+
     /// A fresh hidden path in the root: `<prefix><key>-<pid>-<nanos>-<counter>`.
     pub(crate) fn hidden_path(&self, prefix: &str, key: &SafeName) -> PathBuf {
         static COUNTER: AtomicU64 = AtomicU64::new(0);

@@ -18,6 +18,7 @@
 //! The per-migration records are what make abort and rollback possible after the agent
 //! restarts: they say which containers and checkpoints belong to the migration.
 
+use std::collections::HashMap;
 use std::fs::{self, DirBuilder, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -26,6 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mig_checkpoint::{SafeName, Store, WorkloadIdentity};
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::containerd::{
@@ -114,6 +116,22 @@ pub struct NodeAgent {
     pub(crate) config: AgentConfig,
     pub(crate) store: Store,
     pub(crate) containerd: Arc<dyn Containerd>,
+    /// Checkpoints of this node's migrations, by migration and container, as a live send
+    /// ([`NodeAgent::send`] with `live`) follows them while they are written.
+    live: std::sync::Mutex<HashMap<(String, String), watch::Sender<CheckpointProgress>>>,
+}
+
+/// Where the checkpoint of one container of a migration is, for a live send that follows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckpointProgress {
+    /// Not begun: the container record is not saved yet.
+    NotStarted,
+    /// The container record is saved and the shim asked to checkpoint.
+    Started,
+    /// The checkpoint is committed to the store.
+    Committed,
+    /// It failed (or was never attempted: an earlier container of the migration failed).
+    Failed(String),
 }
 
 impl NodeAgent {
@@ -131,6 +149,7 @@ impl NodeAgent {
             Err(e) => warn!(error = %e, "cannot clean stale checkpoint leftovers"),
         }
         Ok(Self {
+            live: std::sync::Mutex::new(HashMap::new()),
             config,
             store,
             containerd,
@@ -210,11 +229,57 @@ impl NodeAgent {
         let dir = self.migration_dir(&migration);
         private_dir(&dir)?;
         let mut summaries = Vec::new();
-        for id in containers {
+        for (i, id) in containers.iter().enumerate() {
             let id = safe("container id", id)?;
-            summaries.push(self.checkpoint_one(&migration, &ns, &id, &dir).await?);
+            match self.checkpoint_one(&migration, &ns, &id, &dir).await {
+                Ok(summary) => {
+                    self.set_progress(&migration, &id, CheckpointProgress::Committed);
+                    summaries.push(summary);
+                }
+                Err(e) => {
+                    for rest in &containers[i..] {
+                        let failed = CheckpointProgress::Failed(format!(
+                            "the checkpoint of {rest} failed or was not attempted: {e}"
+                        ));
+                        self.set_progress_named(migration.as_str(), rest, failed);
+                    }
+                    return Err(e);
+                }
+            }
         }
         Ok(summaries)
+    }
+
+    /// What a live send of `id` for `migration` waits on (created if the checkpoint has not
+    /// said anything yet: the send may come first).
+    pub(crate) fn progress(
+        &self,
+        migration: &str,
+        id: &str,
+    ) -> watch::Receiver<CheckpointProgress> {
+        let mut live = self.live.lock().expect("live map poisoned");
+        live.entry((migration.to_string(), id.to_string()))
+            .or_insert_with(|| watch::channel(CheckpointProgress::NotStarted).0)
+            .subscribe()
+    }
+
+    fn set_progress(&self, migration: &SafeName, id: &SafeName, to: CheckpointProgress) {
+        self.set_progress_named(migration.as_str(), id.as_str(), to);
+    }
+
+    fn set_progress_named(&self, migration: &str, id: &str, to: CheckpointProgress) {
+        let mut live = self.live.lock().expect("live map poisoned");
+        live.entry((migration.to_string(), id.to_string()))
+            .or_insert_with(|| watch::channel(CheckpointProgress::NotStarted).0)
+            .send_replace(to);
+    }
+
+    /// Forgets the progress of `migration`'s checkpoints (its sends are over).
+    pub(crate) fn forget_progress(&self, migration: &str) {
+        self.live
+            .lock()
+            .expect("live map poisoned")
+            .retain(|(m, _), _| m != migration);
     }
 
     /// The records of containers to migrate (origin side), which the destination creates its
@@ -280,6 +345,7 @@ impl NodeAgent {
             &serde_json::json!({ "migration": migration.as_str(), "durable": false }),
         )?;
         info!(container_id = %id, migration = %migration, "checkpointing through the shim");
+        self.set_progress(migration, id, CheckpointProgress::Started);
         if let Err(e) = self
             .containerd
             .kill(ns.as_str(), id.as_str(), "SIGTERM")
@@ -652,6 +718,7 @@ impl NodeAgent {
             report.restored.push(id.to_string());
         }
         remove_dir_if_exists(&self.migration_dir(&migration));
+        self.forget_progress(migration.as_str());
         Ok(report)
     }
 
@@ -689,6 +756,7 @@ impl NodeAgent {
                 .push(format!("{id} removed from {}", self.config.name));
         }
         remove_dir_if_exists(&self.migration_dir(&migration));
+        self.forget_progress(migration.as_str());
         Ok(report)
     }
 

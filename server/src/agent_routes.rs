@@ -87,7 +87,7 @@ async fn checkpoint(
 async fn send(State(s): State<AgentState>, body: Bytes) -> Result<impl IntoResponse, ApiError> {
     let req: SendRequest = parse_json(
         &body,
-        r#"{"migration":"<id>","namespace":"<ns>","containers":["<id>"],"destination":"http://host:port"}"#,
+        r#"{"migration":"<id>","namespace":"<ns>","containers":["<id>"],"destination":"http://host:port","live":false}"#,
     )?;
     Ok(Json(
         s.agent
@@ -98,6 +98,7 @@ async fn send(State(s): State<AgentState>, body: Bytes) -> Result<impl IntoRespo
                 &req.namespace,
                 &req.containers,
                 &req.destination,
+                req.live,
             )
             .await?,
     ))

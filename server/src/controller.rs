@@ -388,27 +388,31 @@ impl Controller {
             .await
             .map_err(|e| e.to_string())?;
         self.advance(id, Phase::Checkpointing);
-        let summaries = self
-            .nodes_api
-            .checkpoint(origin, req)
-            .await
-            .map_err(|e| e.to_string())?;
-        let bytes = summaries.iter().map(|s| s.bytes).sum();
-        self.update(id, |m| m.checkpoint_bytes = bytes);
-        self.advance(id, Phase::Transferring);
-        let sent = self
-            .nodes_api
-            .send(
-                origin,
-                &SendRequest {
-                    migration: req.migration.clone(),
-                    namespace: req.namespace.clone(),
-                    containers: req.containers.clone(),
-                    destination: dest.address.clone(),
-                },
-            )
-            .await
-            .map_err(|e| e.to_string())?;
+        // The send starts with the checkpoint: the origin streams the page images while the
+        // engine writes them, and the rest once each checkpoint is committed. A failed
+        // checkpoint fails the send too (the origin agent tells its sender); its error is the
+        // one reported.
+        let send_req = SendRequest {
+            migration: req.migration.clone(),
+            namespace: req.namespace.clone(),
+            containers: req.containers.clone(),
+            destination: dest.address.clone(),
+            live: true,
+        };
+        let checkpoint = async {
+            let summaries = self
+                .nodes_api
+                .checkpoint(origin, req)
+                .await
+                .map_err(|e| e.to_string())?;
+            let bytes = summaries.iter().map(|s| s.bytes).sum();
+            self.update(id, |m| m.checkpoint_bytes = bytes);
+            self.advance(id, Phase::Transferring);
+            Ok::<_, String>(())
+        };
+        let (checkpointed, sent) = tokio::join!(checkpoint, self.nodes_api.send(origin, &send_req));
+        checkpointed?;
+        let sent = sent.map_err(|e| e.to_string())?;
         self.update(id, |m| m.bytes_transferred = sent.wire_bytes);
         self.advance(id, Phase::Restoring);
         self.nodes_api

@@ -59,6 +59,7 @@ impl From<AgentError> for ApiError {
                 | StreamError::Refused(_)
                 | StreamError::Store(mig_checkpoint::Error::Corrupt { .. }),
             ) => StatusCode::UNPROCESSABLE_ENTITY,
+            AgentError::Stream(StreamError::SourceFailed(_)) => StatusCode::CONFLICT,
             AgentError::Peer(_) => StatusCode::BAD_GATEWAY,
             AgentError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             _ => StatusCode::INTERNAL_SERVER_ERROR,

@@ -45,6 +45,10 @@ pub struct SendRequest {
     pub containers: Vec<String>,
     /// The destination agent's base URL.
     pub destination: String,
+    /// Start with the checkpoint instead of after it: stream each container's page images
+    /// while they are written (the controller asks for the checkpoint at the same time).
+    #[serde(default)]
+    pub live: bool,
 }
 
 /// One container's checkpoint on the origin.

@@ -9,15 +9,18 @@ use std::io::{self, Write};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use mig_checkpoint::WorkloadIdentity;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::agent::{AgentError, NodeAgent, safe};
+use crate::agent::{AgentError, CheckpointProgress, NodeAgent, safe};
 use crate::auth::Token;
 use crate::containerd::ContainerInfo;
 use crate::protocol::{ErrorBody, TransferSummary};
-use crate::stream::{Received, StreamError, StreamStats, receive_checkpoint, send_checkpoint};
+use crate::stream::{
+    LiveOutcome, Received, StreamError, StreamStats, receive_checkpoint, send_checkpoint,
+    send_checkpoint_live,
+};
 
 /// Chunks handed to the HTTP body; big enough to keep syscalls few.
 const CHUNK: usize = 1024 * 1024;
@@ -74,9 +77,25 @@ impl Write for ChannelWriter {
     }
 }
 
+/// What a stream sends: a complete checkpoint, or one that is being written.
+pub(crate) enum Source {
+    /// The committed checkpoint in this directory.
+    Complete(std::path::PathBuf),
+    /// The checkpoint of this identity, followed in the store while the shim writes it.
+    Live {
+        store: mig_checkpoint::Store,
+        identity: WorkloadIdentity,
+        progress: watch::Receiver<CheckpointProgress>,
+        deadline: std::time::Instant,
+    },
+}
+
 impl NodeAgent {
     /// Streams the checkpoint of each container to the agent at `destination`, one request
-    /// per container, straight from the checkpoint directory.
+    /// per container, straight from the checkpoint directory. With `live`, the send starts
+    /// with the checkpoint (the controller asks for both at once): each container's page
+    /// images are streamed while the shim's engine writes them, the rest once committed.
+    #[allow(clippy::too_many_arguments)]
     pub async fn send(
         &self,
         http: &reqwest::Client,
@@ -85,6 +104,7 @@ impl NodeAgent {
         namespace: &str,
         containers: &[String],
         destination: &str,
+        live: bool,
     ) -> Result<TransferSummary, AgentError> {
         let migration = safe("migration id", migration)?;
         let ns = safe("namespace", namespace)?;
@@ -97,27 +117,58 @@ impl NodeAgent {
         for id in containers {
             let id = safe("container id", id)?;
             let identity = WorkloadIdentity::container(ns.as_str(), id.as_str())?;
+            let source = if live {
+                let mut progress = self.progress(migration.as_str(), id.as_str());
+                let begun = tokio::time::timeout(self.config.wait_timeout, async {
+                    progress
+                        .wait_for(|p| *p != CheckpointProgress::NotStarted)
+                        .await
+                        .map(|p| (*p).clone())
+                })
+                .await;
+                match begun {
+                    Err(_) | Ok(Err(_)) => {
+                        return Err(AgentError::Timeout(format!(
+                            "the checkpoint of {id} did not begin within {:?}",
+                            self.config.wait_timeout
+                        )));
+                    }
+                    Ok(Ok(CheckpointProgress::Failed(reason))) => {
+                        return Err(AgentError::Stream(StreamError::SourceFailed(reason)));
+                    }
+                    Ok(Ok(_)) => {}
+                }
+                Source::Live {
+                    store: self.store.clone(),
+                    identity: identity.clone(),
+                    progress,
+                    deadline: std::time::Instant::now() + self.config.wait_timeout,
+                }
+            } else {
+                Source::Complete(self.store.path_for(&identity))
+            };
             let info = self.saved_info(&migration, &identity)?;
-            let dir = self.store.path_for(&identity);
             let stats = self
-                .stream_checkpoint(http, token, &url, dir, info, &format!("{id}"))
+                .stream_checkpoint(http, token, &url, source, info, &format!("{id}"))
                 .await?;
-            info!(container_id = %id, raw = stats.raw_bytes, wire = stats.wire_bytes, elapsed_ms = started.elapsed().as_millis() as u64, "checkpoint sent");
+            info!(container_id = %id, raw = stats.raw_bytes, wire = stats.wire_bytes,
+                  live = stats.live_bytes, elapsed_ms = started.elapsed().as_millis() as u64,
+                  "checkpoint sent");
             total.raw_bytes += stats.raw_bytes;
             total.wire_bytes += stats.wire_bytes;
         }
         Ok(total)
     }
 
-    /// POSTs the checkpoint in `dir` (with its container record) to `url` as one compressed
-    /// stream, read straight from the directory on a blocking thread. `what` names the
+    /// POSTs the checkpoint of `source` (with its container record) to `url` as one
+    /// compressed stream, read straight from the store on a blocking thread. `what` names the
     /// workload in errors.
     pub(crate) async fn stream_checkpoint(
         &self,
         http: &reqwest::Client,
         token: &Token,
         url: &str,
-        dir: std::path::PathBuf,
+        source: Source,
         info: ContainerInfo,
         what: &str,
     ) -> Result<StreamStats, AgentError> {
@@ -131,7 +182,30 @@ impl NodeAgent {
             runtime: tokio::runtime::Handle::current(),
         };
         let encoder = tokio::task::spawn_blocking(move || {
-            let stats = send_checkpoint(&dir, &info, &mut out, level)?;
+            let stats = match source {
+                Source::Complete(dir) => send_checkpoint(&dir, &info, &mut out, level)?,
+                Source::Live {
+                    store,
+                    identity,
+                    progress,
+                    deadline,
+                } => {
+                    let mut outcome = || match &*progress.borrow() {
+                        CheckpointProgress::Committed => LiveOutcome::Committed,
+                        CheckpointProgress::Failed(reason) => LiveOutcome::Failed(reason.clone()),
+                        _ => LiveOutcome::Pending,
+                    };
+                    send_checkpoint_live(
+                        &store,
+                        &identity,
+                        &info,
+                        &mut out,
+                        level,
+                        &mut outcome,
+                        deadline,
+                    )?
+                }
+            };
             out.flush().map_err(|source| StreamError::Io {
                 what: "send".into(),
                 source,

@@ -115,7 +115,14 @@ impl NodeAgent {
             };
             let dir = self.store.path_for(&id);
             let stats = self
-                .stream_checkpoint(http, token, &url, dir, info, &format!("{k}"))
+                .stream_checkpoint(
+                    http,
+                    token,
+                    &url,
+                    crate::transfer::Source::Complete(dir),
+                    info,
+                    &format!("{k}"),
+                )
                 .await?;
             info!(workload = %k, raw = stats.raw_bytes, wire = stats.wire_bytes, "checkpoint sent");
             total.raw_bytes += stats.raw_bytes;
