@@ -158,10 +158,19 @@ impl Store {
     }
 
     /// The temporary directory of a checkpoint of `identity` being written right now (by
-    /// [`Store::begin`], in this or another process), the newest if there are several; `None`
-    /// when there is none. Its files are the engine's as it writes them: for following them
-    /// (a migration streams the images while they are written), never for restoring.
-    pub fn writing(&self, identity: &WorkloadIdentity) -> Result<Option<PathBuf>> {
+    /// [`Store::begin`], in this or another process) that was begun at or after `since`, the
+    /// newest if there are several; `None` when there is none. (Older ones are leftovers of a
+    /// crashed writer.) Its files are the engine's as it writes them: for following them (a
+    /// migration streams the images while they are written), never for restoring.
+    pub fn writing(
+        &self,
+        identity: &WorkloadIdentity,
+        since: SystemTime,
+    ) -> Result<Option<PathBuf>> {
+        let since = since
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
         let prefix = format!(".tmp-{}-", identity.safe_key());
         let mut newest: Option<(u128, PathBuf)> = None;
         for entry in fs::read_dir(&self.root).map_err(io_err("list", &self.root))? {
@@ -177,7 +186,7 @@ impl Store {
                 continue;
             }
             let nanos: u128 = parts[1].parse().unwrap_or_default();
-            if newest.as_ref().is_none_or(|(n, _)| nanos >= *n) {
+            if nanos >= since && newest.as_ref().is_none_or(|(n, _)| nanos >= *n) {
                 newest = Some((nanos, entry.path()));
             }
         }
@@ -194,5 +203,32 @@ impl Store {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         self.root
             .join(format!("{prefix}{key}-{}-{nanos}-{n}", std::process::id()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writing_finds_this_workloads_new_temp_dir_only() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = Store::open(dir.path().join("s")).expect("store");
+        let a = WorkloadIdentity::container("default", "a-1").expect("id");
+        let longer = WorkloadIdentity::container("default", "a-1-2").expect("id");
+        let before = SystemTime::now();
+        assert_eq!(store.writing(&a, before).expect("list"), None);
+        // Another workload whose key starts with this one's.
+        let other = store.begin(&longer).expect("begin");
+        assert_eq!(store.writing(&a, before).expect("list"), None);
+        let mine = store.begin(&a).expect("begin");
+        assert_eq!(
+            store.writing(&a, before).expect("list").as_deref(),
+            Some(mine.dir())
+        );
+        // Begun before `since`: a leftover, not the checkpoint being written now.
+        let later = SystemTime::now() + Duration::from_secs(1);
+        assert_eq!(store.writing(&a, later).expect("list"), None);
+        drop((other, mine));
     }
 }

@@ -126,8 +126,9 @@ pub struct NodeAgent {
 pub enum CheckpointProgress {
     /// Not begun: the container record is not saved yet.
     NotStarted,
-    /// The container record is saved and the shim asked to checkpoint.
-    Started,
+    /// The container record is saved and the shim asked to checkpoint, at this time (the
+    /// shim begins writing after it).
+    Started(std::time::SystemTime),
     /// The checkpoint is committed to the store.
     Committed,
     /// It failed (or was never attempted: an earlier container of the migration failed).
@@ -345,7 +346,11 @@ impl NodeAgent {
             &serde_json::json!({ "migration": migration.as_str(), "durable": false }),
         )?;
         info!(container_id = %id, migration = %migration, "checkpointing through the shim");
-        self.set_progress(migration, id, CheckpointProgress::Started);
+        self.set_progress(
+            migration,
+            id,
+            CheckpointProgress::Started(std::time::SystemTime::now()),
+        );
         if let Err(e) = self
             .containerd
             .kill(ns.as_str(), id.as_str(), "SIGTERM")

@@ -413,7 +413,10 @@ impl Controller {
         let (checkpointed, sent) = tokio::join!(checkpoint, self.nodes_api.send(origin, &send_req));
         checkpointed?;
         let sent = sent.map_err(|e| e.to_string())?;
-        self.update(id, |m| m.bytes_transferred = sent.wire_bytes);
+        self.update(id, |m| {
+            m.bytes_transferred = sent.wire_bytes;
+            m.bytes_sent_while_checkpointing = sent.live_bytes;
+        });
         self.advance(id, Phase::Restoring);
         self.nodes_api
             .restore(dest, req)

@@ -155,6 +155,10 @@ pub struct Migration {
     pub checkpoint_bytes: u64,
     /// Bytes on the wire (compressed).
     pub bytes_transferred: u64,
+    /// Checkpoint bytes (uncompressed) sent while the origin was still checkpointing: the
+    /// part of the transfer that overlapped the dump.
+    #[serde(default)]
+    pub bytes_sent_while_checkpointing: u64,
     /// Phases entered so far, with their timings.
     pub timings: Vec<PhaseTiming>,
     /// From the moment the origin started stopping to the workload running again (on the
@@ -219,6 +223,7 @@ impl Migration {
             created_unix_ms,
             checkpoint_bytes: 0,
             bytes_transferred: 0,
+            bytes_sent_while_checkpointing: 0,
             timings: vec![PhaseTiming {
                 phase: Phase::Pending,
                 started_ms: 0,

@@ -69,6 +69,9 @@ pub struct TransferSummary {
     pub raw_bytes: u64,
     /// Compressed bytes on the wire.
     pub wire_bytes: u64,
+    /// Of `raw_bytes`, those sent while the checkpoint was being written.
+    #[serde(default)]
+    pub live_bytes: u64,
 }
 
 /// What an agent did, for the migration record.

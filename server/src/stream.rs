@@ -180,19 +180,36 @@ pub enum LiveOutcome {
     Failed(String),
 }
 
-/// Streams the checkpoint of `identity` while it is being written into `store`: the CRIU page
-/// images are sent as they grow in the store's temporary directory, the rest once `outcome`
-/// says the checkpoint is committed. Gives up with the reason `outcome` gives for a failure,
-/// or at `deadline`.
+/// Which checkpoint a live send follows, and for how long.
+#[derive(Debug, Clone, Copy)]
+pub struct Follow<'a> {
+    /// The store the checkpoint is written into.
+    pub store: &'a Store,
+    /// Its workload.
+    pub identity: &'a WorkloadIdentity,
+    /// When its checkpoint was asked for: temporary directories begun before are leftovers.
+    pub since: std::time::SystemTime,
+    /// When to give up waiting for it.
+    pub deadline: Instant,
+}
+
+/// Streams the checkpoint `follow` names while it is being written: the CRIU page images are
+/// sent as they grow in the store's temporary directory, the rest once `outcome` says the
+/// checkpoint is committed. Gives up with the reason `outcome` gives for a failure, or at the
+/// deadline.
 pub fn send_checkpoint_live<W: Write>(
-    store: &Store,
-    identity: &WorkloadIdentity,
+    follow: Follow<'_>,
     info: &ContainerInfo,
     out: W,
     level: i32,
     outcome: &mut dyn FnMut() -> LiveOutcome,
-    deadline: Instant,
 ) -> Result<StreamStats, StreamError> {
+    let Follow {
+        store,
+        identity,
+        since,
+        deadline,
+    } = follow;
     let mut s = Sender::start(info, identity, out, level)?;
     let mut followed: BTreeMap<String, Followed> = BTreeMap::new();
     let mut writing: Option<PathBuf> = None;
@@ -200,7 +217,7 @@ pub fn send_checkpoint_live<W: Write>(
         // Sampled before reading: once committed, what is read next is everything.
         let state = outcome();
         if writing.is_none() {
-            writing = store.writing(identity)?;
+            writing = store.writing(identity, since)?;
         }
         if let Some(tmp) = &writing {
             follow_new_page_images(&tmp.join(IMAGES_DIR), &mut followed);
@@ -518,7 +535,7 @@ pub fn receive_checkpoint<R: Read>(
     for _ in 0..=PIPELINE_DEPTH {
         let _ = free_tx.send(vec![0u8; COPY_BUF]);
     }
-    let (info, hashed) = std::thread::scope(|scope| {
+    let (info, hashed, live) = std::thread::scope(|scope| {
         scope.spawn(move || write_files(job_rx, free_tx, done_tx));
         let mut files = Files {
             dir: &dir,
@@ -527,6 +544,7 @@ pub fn receive_checkpoint<R: Read>(
             done: done_rx,
             open: BTreeMap::new(),
             next: 0,
+            live: 0,
         };
         receive_body(
             &mut z,
@@ -561,13 +579,13 @@ pub fn receive_checkpoint<R: Read>(
         stats: StreamStats {
             raw_bytes: raw + manifest_len,
             wire_bytes: counting.count,
-            live_bytes: 0,
+            live_bytes: live,
         },
     })
 }
 
-/// Live records, then the manifest and the rest of every file; returns the container record
-/// and what was written, as entries.
+/// Live records, then the manifest and the rest of every file; returns the container record,
+/// what was written, as entries, and how many bytes came in live records.
 fn receive_body(
     z: &mut impl Read,
     files: &mut Files<'_>,
@@ -575,7 +593,7 @@ fn receive_body(
     identity: &WorkloadIdentity,
     identity_bytes: &[u8],
     accept: impl FnOnce(&ContainerInfo, &Manifest) -> Result<(), String>,
-) -> Result<(ContainerInfo, Vec<FileEntry>), StreamError> {
+) -> Result<(ContainerInfo, Vec<FileEntry>, u64), StreamError> {
     loop {
         let mut tag = [0u8; 1];
         read_exact(z, &mut tag, "record tag")?;
@@ -623,7 +641,7 @@ fn receive_body(
             "{path} was sent while the checkpoint was written, but its manifest does not list it"
         )));
     }
-    Ok((info, hashed))
+    Ok((info, hashed, files.live))
 }
 
 /// What the receiving thread hands the thread that writes files.
@@ -656,6 +674,8 @@ struct Files<'a> {
     done: std::sync::mpsc::Receiver<io::Result<()>>,
     open: BTreeMap<String, Open>,
     next: usize,
+    /// Bytes received in live records.
+    live: u64,
 }
 
 fn writer_gone() -> StreamError {
@@ -756,6 +776,7 @@ impl Files<'_> {
         }
         let total = f.written + u64::from(len);
         self.receive_data(z, &mut f, &path, u64::from(len), total)?;
+        self.live += u64::from(len);
         self.open.insert(path, f);
         Ok(())
     }
@@ -1124,6 +1145,7 @@ mod tests {
     ) -> Result<(Vec<u8>, StreamStats), StreamError> {
         let done = std::sync::atomic::AtomicBool::new(false);
         let identity = WorkloadIdentity::container("default", id).expect("identity");
+        let since = std::time::SystemTime::now();
         std::thread::scope(|scope| {
             scope.spawn(|| write_slowly(store, id, chunks, after_pages, &done));
             let mut wire = Vec::new();
@@ -1135,15 +1157,13 @@ mod tests {
                 }
             };
             let deadline = Instant::now() + Duration::from_secs(20);
-            let stats = send_checkpoint_live(
+            let follow = Follow {
                 store,
-                &identity,
-                &info(id),
-                &mut wire,
-                1,
-                &mut outcome,
+                identity: &identity,
+                since,
                 deadline,
-            )?;
+            };
+            let stats = send_checkpoint_live(follow, &info(id), &mut wire, 1, &mut outcome)?;
             Ok((wire, stats))
         })
     }
@@ -1173,6 +1193,7 @@ mod tests {
         let pages = std::fs::read(got.checkpoint.images_dir().join("pages-1.img")).expect("read");
         assert_eq!(pages, parts.concat());
         assert_eq!(stats.raw_bytes, got.stats.raw_bytes);
+        assert_eq!(stats.live_bytes, got.stats.live_bytes);
     }
 
     #[test]
@@ -1204,16 +1225,14 @@ mod tests {
         let identity = WorkloadIdentity::container("default", "counter").expect("identity");
         let mut outcome = || LiveOutcome::Failed("CRIU said no".into());
         let deadline = Instant::now() + Duration::from_secs(5);
-        let err = send_checkpoint_live(
-            &store,
-            &identity,
-            &info("counter"),
-            io::sink(),
-            1,
-            &mut outcome,
+        let follow = Follow {
+            store: &store,
+            identity: &identity,
+            since: std::time::SystemTime::now(),
             deadline,
-        )
-        .expect_err("no checkpoint");
+        };
+        let err = send_checkpoint_live(follow, &info("counter"), io::sink(), 1, &mut outcome)
+            .expect_err("no checkpoint");
         assert!(err.to_string().contains("CRIU said no"), "{err}");
     }
 

@@ -18,7 +18,7 @@ use crate::auth::Token;
 use crate::containerd::ContainerInfo;
 use crate::protocol::{ErrorBody, TransferSummary};
 use crate::stream::{
-    LiveOutcome, Received, StreamError, StreamStats, receive_checkpoint, send_checkpoint,
+    Follow, LiveOutcome, Received, StreamError, StreamStats, receive_checkpoint, send_checkpoint,
     send_checkpoint_live,
 };
 
@@ -85,6 +85,7 @@ pub(crate) enum Source {
     Live {
         store: mig_checkpoint::Store,
         identity: WorkloadIdentity,
+        since: std::time::SystemTime,
         progress: watch::Receiver<CheckpointProgress>,
         deadline: std::time::Instant,
     },
@@ -126,7 +127,7 @@ impl NodeAgent {
                         .map(|p| (*p).clone())
                 })
                 .await;
-                match begun {
+                let since = match begun {
                     Err(_) | Ok(Err(_)) => {
                         return Err(AgentError::Timeout(format!(
                             "the checkpoint of {id} did not begin within {:?}",
@@ -136,11 +137,14 @@ impl NodeAgent {
                     Ok(Ok(CheckpointProgress::Failed(reason))) => {
                         return Err(AgentError::Stream(StreamError::SourceFailed(reason)));
                     }
-                    Ok(Ok(_)) => {}
-                }
+                    Ok(Ok(CheckpointProgress::Started(at))) => at,
+                    // Committed already: whatever it wrote is found complete.
+                    Ok(Ok(_)) => std::time::SystemTime::now(),
+                };
                 Source::Live {
                     store: self.store.clone(),
                     identity: identity.clone(),
+                    since,
                     progress,
                     deadline: std::time::Instant::now() + self.config.wait_timeout,
                 }
@@ -156,6 +160,7 @@ impl NodeAgent {
                   "checkpoint sent");
             total.raw_bytes += stats.raw_bytes;
             total.wire_bytes += stats.wire_bytes;
+            total.live_bytes += stats.live_bytes;
         }
         Ok(total)
     }
@@ -187,6 +192,7 @@ impl NodeAgent {
                 Source::Live {
                     store,
                     identity,
+                    since,
                     progress,
                     deadline,
                 } => {
@@ -195,15 +201,13 @@ impl NodeAgent {
                         CheckpointProgress::Failed(reason) => LiveOutcome::Failed(reason.clone()),
                         _ => LiveOutcome::Pending,
                     };
-                    send_checkpoint_live(
-                        &store,
-                        &identity,
-                        &info,
-                        &mut out,
-                        level,
-                        &mut outcome,
+                    let follow = Follow {
+                        store: &store,
+                        identity: &identity,
+                        since,
                         deadline,
-                    )?
+                    };
+                    send_checkpoint_live(follow, &info, &mut out, level, &mut outcome)?
                 }
             };
             out.flush().map_err(|source| StreamError::Io {
@@ -274,10 +278,11 @@ impl NodeAgent {
         self.record_received(&migration, &received.info)?;
         info!(container_id = %received.info.id, migration = %migration,
               raw = received.stats.raw_bytes, wire = received.stats.wire_bytes,
-              elapsed_ms = started.elapsed().as_millis() as u64, "checkpoint received");
+              live = received.stats.live_bytes, elapsed_ms = started.elapsed().as_millis() as u64, "checkpoint received");
         Ok(TransferSummary {
             raw_bytes: received.stats.raw_bytes,
             wire_bytes: received.stats.wire_bytes,
+            live_bytes: received.stats.live_bytes,
         })
     }
 

@@ -163,6 +163,7 @@ impl NodeAgent {
         Ok(TransferSummary {
             raw_bytes: received.stats.raw_bytes,
             wire_bytes: received.stats.wire_bytes,
+            live_bytes: received.stats.live_bytes,
         })
     }
 }
