@@ -27,13 +27,18 @@
 #   record ms   the migration record's own `downtimeMs` (GET /migrations/{id}: start of the
 #               checkpointing phase -> done), then its phase durations: ckpt (the origin agent
 #               marks the workload and stops it; the shim checkpoints on stop), xfer (the
-#               zstd stream from store to store, sha256 checked), restore (the destination
-#               creates the container, which restores at start).
+#               zstd stream from store to store, sha256 checked, after the checkpoint: the
+#               stream starts with the checkpoint and sends CRIU's page images while they are
+#               written, so this is only its tail), restore (the destination starts the task
+#               it created ahead, which restores at start).
+#   live %      share of the checkpoint's bytes sent while the origin was still checkpointing
+#               (the record's bytesSentWhileCheckpointing / checkpointBytes).
 #   floor       by hand on the same binary and memory size, no containerd, no agents: `runc
 #               checkpoint` to disk + `cp -r` of the images dir + `runc restore` from the
 #               copy, and their sum. A migration that moves the checkpoint between nodes cannot
 #               really beat this on one machine.
-#   MiB/s       xfer: checkpoint bytes (uncompressed) / transferring phase; zstd: `zstd -1 -T1`
+#   MiB/s       xfer: checkpoint bytes (uncompressed) / (ckpt + xfer), the stream's whole
+#               life, as it overlaps the dump: a lower bound of its throughput; zstd: `zstd -1 -T1`
 #               over the floor checkpoint's pages-*.img (the same kind of bytes), from page
 #               cache into `cat >/dev/null`. mig-server compresses with zstd level 1
 #               (--zstd-level, default 1) on one thread (zstd::Encoder::new, no workers), so
@@ -172,7 +177,7 @@ while time.time() < deadline:
 sys.exit(1)
 PY
 
-mig_run() { # size rep -> "client_ms record_ms ckpt_ms xfer_ms restore_ms xfer_mibps stop_at run_at"
+mig_run() { # size rep -> "client_ms record_ms ckpt_ms xfer_ms restore_ms xfer_mibps stop_at run_at live_pct"
     local size=$1 id="hog-$1-$2" pid out mid rec
     $A run -d --runtime io.containerd.mig.v2 --label mig.dev/workload="$id" \
         docker.io/library/memhog:bench-migrate "$id" /bmhog "$size" >"$W/out-$id" 2>&1
@@ -197,19 +202,22 @@ m = json.loads(sys.argv[2])
 assert m["phase"] == "done", m["phase"]
 d = {t["phase"]: t["duration_ms"] or 0 for t in m["timings"]}
 x = d.get("transferring", 0)
+streaming = d.get("checkpointing", 0) + x
+live = m.get("bytesSentWhileCheckpointing", 0)
 print(round((b - a) * 1000), m["downtimeMs"], d.get("checkpointing", 0), x, d.get("restoring", 0),
-      round(m["checkpointBytes"] / 1048576 / max(x, 1) * 1000),
-      round(a * 1000 - m["createdUnixMs"]), round(b * 1000 - m["createdUnixMs"]))
+      round(m["checkpointBytes"] / 1048576 / max(streaming, 1) * 1000),
+      round(a * 1000 - m["createdUnixMs"]), round(b * 1000 - m["createdUnixMs"]),
+      round(100 * live / max(m["checkpointBytes"], 1)))
 PY
     $B t kill -s KILL "$id" >/dev/null 2>&1 || true; sleep 0.3
     for c in "$A" "$B"; do $c t rm -f "$id" >/dev/null 2>&1 || true; $c c rm "$id" >/dev/null 2>&1 || true; done
     rm -rf "$W"/node0*/mig/checkpoints/* 2>/dev/null || true
 }
 
-HDR='%-7s | %9s %6s %6s | %9s %7s %7s %7s | %7s %5s %7s %7s | %6s %6s | %s\n'
+HDR='%-7s | %9s %6s %6s | %9s %7s %7s %7s %6s | %7s %5s %7s %7s | %6s %6s | %s\n'
 ROWS=()
 for size in "${SIZES[@]}"; do
-    cl=() sa=() ra=() rd=() ck=() xf=() rs=() xt=() fd=() fc=() fr=() fz=() fs=()
+    cl=() sa=() ra=() rd=() ck=() xf=() rs=() xt=() lv=() fd=() fc=() fr=() fz=() fs=()
     warm_memory "$size"
     for rep in $(seq "$REPS"); do
         # Odd runs measure the floor first, even ones the migration (see warm_memory).
@@ -219,8 +227,8 @@ for size in "${SIZES[@]}"; do
                 fd+=("$a"); fc+=("$b"); fr+=("$c"); fz+=("$d"); fs+=($((a + b + c)))
                 log "size=$size rep=$rep floor dump=$a cp=$b restore=$c zstd_mibps=$d"
             else
-                mig_run "$size" "$rep"; read -r a b c d e f g h <"$W/res"
-                cl+=("$a"); rd+=("$b"); ck+=("$c"); xf+=("$d"); rs+=("$e"); xt+=("$f"); sa+=("$g"); ra+=("$h")
+                mig_run "$size" "$rep"; read -r a b c d e f g h i <"$W/res"
+                cl+=("$a"); rd+=("$b"); ck+=("$c"); xf+=("$d"); rs+=("$e"); xt+=("$f"); sa+=("$g"); ra+=("$h"); lv+=("$i")
             fi
         done
     done
@@ -230,13 +238,13 @@ for size in "${SIZES[@]}"; do
     [ "$size" = 1024 ] && goals+=("<=1500ms: $([ "$CL" -le 1500 ] && echo met || echo NOT met)")
     goals+=("<=floor: $([ "$CL" -le "$FS" ] && echo met || echo NOT met)")
     ROWS+=("$(printf "$HDR" "${size}MiB" "$CL" "$(median "${sa[@]}")" "$(median "${ra[@]}")" "$(median "${rd[@]}")" "$(median "${ck[@]}")" \
-        "$(median "${xf[@]}")" "$(median "${rs[@]}")" "$(median "${fd[@]}")" "$(median "${fc[@]}")" \
+        "$(median "${xf[@]}")" "$(median "${rs[@]}")" "$(median "${lv[@]}")" "$(median "${fd[@]}")" "$(median "${fc[@]}")" \
         "$(median "${fr[@]}")" "$FS" "$(median "${xt[@]}")" "$(median "${fz[@]}")" "${goals[*]}")")
 done
 echo
 echo "bench-migrate: $(nproc) cores, REPS=$REPS, times in ms (median), MiB/s of uncompressed bytes"
-printf "$HDR" "" "client" "froze" "ran" "record" "" "" "" "floor" "" "" "" "MiB/s" "" ""
-printf "$HDR" "memory" "downtime" "at" "at" "downtime" "ckpt" "xfer" "restore" "dump" "cp" "restore" "sum" "xfer" "zstd" "goals"
+printf "$HDR" "" "client" "froze" "ran" "record" "" "" "" "" "floor" "" "" "" "MiB/s" "" ""
+printf "$HDR" "memory" "downtime" "at" "at" "downtime" "ckpt" "xfer" "restore" "live %" "dump" "cp" "restore" "sum" "xfer" "zstd" "goals"
 printf '%s\n' "${ROWS[@]}"
 echo "raw runs: $W/runs.log$([ -n "${KEEP:-}" ] || echo ' (removed at exit; KEEP=1 keeps it)')"
 [ -n "${KEEP:-}" ] || cat "$W/runs.log" >&2
