@@ -142,20 +142,7 @@ impl NodeConfig {
 
     /// The migration mark for `identity`, if the node agent set one.
     pub fn mark(&self, identity: &WorkloadIdentity) -> Result<Option<Mark>> {
-        let path = self.mark_path(identity);
-        match std::fs::read_to_string(&path) {
-            Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| {
-                Error::InvalidArgument(format!(
-                    "migration mark {} is not valid JSON ({e}); expected {{\"migration\": \"ID\"}}",
-                    path.display()
-                ))
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::Io {
-                context: format!("read migration mark {}", path.display()),
-                source: e,
-            }),
-        }
+        read_mark(&self.mark_path(identity), "migration mark")
     }
 
     fn incoming_path(&self, identity: &WorkloadIdentity) -> PathBuf {
@@ -167,20 +154,7 @@ impl NodeConfig {
     /// The incoming mark for `identity`, if the node agent set one (it removes it once the
     /// workload runs, or when the migration is aborted).
     pub fn incoming(&self, identity: &WorkloadIdentity) -> Result<Option<Incoming>> {
-        let path = self.incoming_path(identity);
-        match std::fs::read_to_string(&path) {
-            Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| {
-                Error::InvalidArgument(format!(
-                    "incoming mark {} is not valid JSON ({e}); expected {{\"migration\": \"ID\"}}",
-                    path.display()
-                ))
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::Io {
-                context: format!("read incoming mark {}", path.display()),
-                source: e,
-            }),
-        }
+        read_mark(&self.incoming_path(identity), "incoming mark")
     }
 
     /// Sets an incoming mark (what the node agent does; also used by tests).
@@ -198,6 +172,23 @@ impl NodeConfig {
     /// Removes the mark once it has been acted on.
     pub fn clear_mark(&self, identity: &WorkloadIdentity) {
         let _ = std::fs::remove_file(self.mark_path(identity));
+    }
+}
+
+/// Reads the node agent's mark at `path` (`what` names it in errors); `None` when absent.
+fn read_mark<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<Option<T>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| {
+            Error::InvalidArgument(format!(
+                "{what} {} is not valid JSON ({e}); expected {{\"migration\": \"ID\"}}",
+                path.display()
+            ))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::Io {
+            context: format!("read {what} {}", path.display()),
+            source: e,
+        }),
     }
 }
 
@@ -257,16 +248,20 @@ mod tests {
         assert!(NodeConfig::from_options(&bad).is_err());
     }
 
+    fn node_in(state_dir: &Path) -> NodeConfig {
+        NodeConfig {
+            state_dir: state_dir.into(),
+            default_engine: EngineKind::Criu,
+            dmtcp_dir: None,
+            hook_binary: DEFAULT_HOOK.into(),
+        }
+    }
+
     #[test]
     fn marks_round_trip_and_are_private() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        let node = NodeConfig {
-            state_dir: dir.path().into(),
-            default_engine: EngineKind::Criu,
-            dmtcp_dir: None,
-            hook_binary: DEFAULT_HOOK.into(),
-        };
+        let node = node_in(dir.path());
         let id = WorkloadIdentity::container("default", "counter").unwrap();
         assert_eq!(node.mark(&id).unwrap(), None);
         let mark = Mark {
@@ -291,12 +286,7 @@ mod tests {
     #[test]
     fn incoming_marks_round_trip_and_bad_ones_say_what_is_expected() {
         let dir = tempfile::tempdir().unwrap();
-        let node = NodeConfig {
-            state_dir: dir.path().into(),
-            default_engine: EngineKind::Criu,
-            dmtcp_dir: None,
-            hook_binary: DEFAULT_HOOK.into(),
-        };
+        let node = node_in(dir.path());
         let id = WorkloadIdentity::container("default", "counter").unwrap();
         assert_eq!(node.incoming(&id).unwrap(), None);
         let incoming = Incoming {
