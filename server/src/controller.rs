@@ -80,6 +80,11 @@ pub struct ControllerConfig {
     pub default_scheme: String,
     /// A migration running longer fails (and rolls back).
     pub migration_timeout: Duration,
+    /// Stream each checkpoint while it is written (the origin sends CRIU's page images as they
+    /// grow) instead of after it. It overlaps the transfer with the dump, at the price of the
+    /// two sharing the origin's CPU: on a node with few cores and a big workload the dump
+    /// itself gets slower.
+    pub stream_during_checkpoint: bool,
 }
 
 /// The controller.
@@ -388,16 +393,17 @@ impl Controller {
             .await
             .map_err(|e| e.to_string())?;
         self.advance(id, Phase::Checkpointing);
-        // The send starts with the checkpoint: the origin streams the page images while the
-        // engine writes them, and the rest once each checkpoint is committed. A failed
-        // checkpoint fails the send too (the origin agent tells its sender); its error is the
-        // one reported.
+        // With `stream_during_checkpoint` the send starts with the checkpoint: the origin
+        // streams the page images while the engine writes them, and the rest once each
+        // checkpoint is committed. A failed checkpoint fails the send too (the origin agent
+        // tells its sender); its error is the one reported.
+        let live = self.config.stream_during_checkpoint;
         let send_req = SendRequest {
             migration: req.migration.clone(),
             namespace: req.namespace.clone(),
             containers: req.containers.clone(),
             destination: dest.address.clone(),
-            live: true,
+            live,
         };
         let checkpoint = async {
             let summaries = self
@@ -410,8 +416,15 @@ impl Controller {
             self.advance(id, Phase::Transferring);
             Ok::<_, String>(())
         };
-        let (checkpointed, sent) = tokio::join!(checkpoint, self.nodes_api.send(origin, &send_req));
-        checkpointed?;
+        let sent = if live {
+            let (checkpointed, sent) =
+                tokio::join!(checkpoint, self.nodes_api.send(origin, &send_req));
+            checkpointed?;
+            sent
+        } else {
+            checkpoint.await?;
+            self.nodes_api.send(origin, &send_req).await
+        };
         let sent = sent.map_err(|e| e.to_string())?;
         self.update(id, |m| {
             m.bytes_transferred = sent.wire_bytes;

@@ -93,6 +93,9 @@ struct ServeArgs {
     /// Seconds after which a migration fails and rolls back.
     #[arg(long, default_value_t = 900)]
     migration_timeout_secs: u64,
+    /// Controller: stream each checkpoint while the origin writes it (true), or after it.
+    #[arg(long, env = "MIG_STREAM_DURING_CHECKPOINT", default_value_t = true, action = clap::ArgAction::Set)]
+    stream_during_checkpoint: bool,
     /// Scheme for node addresses registered without one.
     #[arg(long, default_value = "http")]
     node_scheme: String,
@@ -183,6 +186,7 @@ async fn serve(args: ServeArgs, token: Token) -> Result<()> {
                 default_namespace: args.namespace.clone(),
                 default_scheme: args.node_scheme.clone(),
                 migration_timeout: Duration::from_secs(args.migration_timeout_secs),
+                stream_during_checkpoint: args.stream_during_checkpoint,
             },
             Arc::new(HttpNodes::new(
                 http.clone(),

@@ -298,6 +298,11 @@ async fn agent(
 }
 
 async fn cluster() -> Cluster {
+    cluster_streaming(true).await
+}
+
+/// A cluster whose controller streams checkpoints while they are written, or after.
+async fn cluster_streaming(stream_during_checkpoint: bool) -> Cluster {
     let http = reqwest::Client::new();
     let (origin_url, origin, d1) = agent("node01", &http).await;
     let (dest_url, dest, d2) = agent("node02", &http).await;
@@ -306,6 +311,7 @@ async fn cluster() -> Cluster {
             default_namespace: NS.into(),
             default_scheme: "http".into(),
             migration_timeout: Duration::from_secs(20),
+            stream_during_checkpoint,
         },
         Arc::new(HttpNodes::new(
             http.clone(),
@@ -402,7 +408,15 @@ fn dir_is_empty(dir: &Path) -> bool {
 
 #[tokio::test]
 async fn migration_moves_the_workload_and_removes_it_from_the_origin() {
-    let c = cluster().await;
+    migrates_and_cleans_up(cluster().await).await;
+}
+
+#[tokio::test]
+async fn migration_streaming_after_the_checkpoint_moves_the_workload_too() {
+    migrates_and_cleans_up(cluster_streaming(false).await).await;
+}
+
+async fn migrates_and_cleans_up(c: Cluster) {
     c.origin.with(|s| s.payload_len = 2 << 20);
     let (status, body) = c.migrate(counter_to("node02")).await;
     assert_eq!(status, 202, "{body}");

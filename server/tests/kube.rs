@@ -274,6 +274,7 @@ async fn setup(replicas: i64, shim_broken: bool) -> Setup {
             default_namespace: "default".into(),
             default_scheme: "http".into(),
             migration_timeout: Duration::from_secs(20),
+            stream_during_checkpoint: true,
         },
         Arc::new(HttpNodes::new(http, token(), Duration::from_secs(20))),
     )
