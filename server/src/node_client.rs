@@ -157,15 +157,25 @@ impl HttpNodes {
         } else {
             self.short_timeout
         };
-        let response = self
-            .http
-            .post(&url)
-            .bearer_auth(self.token.secret())
-            .timeout(timeout)
-            .json(body)
-            .send()
-            .await
-            .map_err(|e| err(None, format!("cannot reach {url}: {}", error_chain(&e))))?;
+        let send = || {
+            self.http
+                .post(&url)
+                .bearer_auth(self.token.secret())
+                .timeout(timeout)
+                .json(body)
+                .send()
+        };
+        let response = match send().await {
+            // A kept-alive connection the peer closed just as it was reused ("connection
+            // closed before message completed"): the request did not get through. Calls that
+            // can be repeated are sent once more, on a new connection.
+            Err(e) if IDEMPOTENT.contains(&op) && !e.is_timeout() && e.is_request() => {
+                tracing::debug!(%url, error = %error_chain(&e), "retrying on a new connection");
+                send().await
+            }
+            other => other,
+        }
+        .map_err(|e| err(None, format!("cannot reach {url}: {}", error_chain(&e))))?;
         let status = response.status();
         let text = response.text().await.map_err(|e| {
             err(
@@ -187,6 +197,10 @@ impl HttpNodes {
         })
     }
 }
+
+/// Agent calls that do the same when repeated (describe reads; prepare skips what it created;
+/// abort deletes what is left), so a retry after a connection failure cannot do anything twice.
+const IDEMPOTENT: [&str; 4] = ["resolve", "describe", "prepare", "abort"];
 
 #[async_trait]
 impl NodeApi for HttpNodes {
