@@ -983,10 +983,7 @@ mod tests {
 
     #[test]
     fn round_trip_installs_identical_checkpoint() {
-        let origin = tempfile::tempdir().expect("tmp");
-        let dest = tempfile::tempdir().expect("tmp");
-        let origin_store = Store::open(origin.path().join("s")).expect("store");
-        let dest_store = Store::open(dest.path().join("s")).expect("store");
+        let (_dirs, origin_store, dest_store) = two_stores();
         let payload = vec![7u8; 300_000];
         let cp = sample_checkpoint(&origin_store, "counter", &payload);
         let wire = encode(cp.dir(), "counter");
@@ -1013,6 +1010,15 @@ mod tests {
         zstd::encode_all(&plain[..], 1).expect("encode")
     }
 
+    /// An origin's and a destination's store, in temp dirs that live as long as the guard.
+    fn two_stores() -> ((tempfile::TempDir, tempfile::TempDir), Store, Store) {
+        let origin = tempfile::tempdir().expect("tmp");
+        let dest = tempfile::tempdir().expect("tmp");
+        let origin_store = Store::open(origin.path().join("s")).expect("store");
+        let dest_store = Store::open(dest.path().join("s")).expect("store");
+        ((origin, dest), origin_store, dest_store)
+    }
+
     fn store_is_empty(store: &Store) -> bool {
         std::fs::read_dir(store.root())
             .expect("read")
@@ -1022,10 +1028,7 @@ mod tests {
 
     #[test]
     fn corrupted_byte_is_refused_and_temp_removed() {
-        let origin = tempfile::tempdir().expect("tmp");
-        let dest = tempfile::tempdir().expect("tmp");
-        let origin_store = Store::open(origin.path().join("s")).expect("store");
-        let dest_store = Store::open(dest.path().join("s")).expect("store");
+        let (_dirs, origin_store, dest_store) = two_stores();
         let cp = sample_checkpoint(&origin_store, "counter", &[1u8; 4096]);
         // Inside the last file, just before the 4-byte trailer.
         let wire = flip_payload_byte(&encode(cp.dir(), "counter"), 10);
@@ -1039,10 +1042,7 @@ mod tests {
 
     #[test]
     fn corrupted_container_record_is_refused() {
-        let origin = tempfile::tempdir().expect("tmp");
-        let dest = tempfile::tempdir().expect("tmp");
-        let origin_store = Store::open(origin.path().join("s")).expect("store");
-        let dest_store = Store::open(dest.path().join("s")).expect("store");
+        let (_dirs, origin_store, dest_store) = two_stores();
         let cp = sample_checkpoint(&origin_store, "counter", b"x");
         let mut plain = zstd::decode_all(&encode(cp.dir(), "counter")[..]).expect("decode");
         let at = plain
@@ -1058,10 +1058,7 @@ mod tests {
 
     #[test]
     fn corrupted_compressed_byte_is_refused() {
-        let origin = tempfile::tempdir().expect("tmp");
-        let dest = tempfile::tempdir().expect("tmp");
-        let origin_store = Store::open(origin.path().join("s")).expect("store");
-        let dest_store = Store::open(dest.path().join("s")).expect("store");
+        let (_dirs, origin_store, dest_store) = two_stores();
         let payload: Vec<u8> = (0..100_000u32).map(|i| (i * 7919 % 251) as u8).collect();
         let cp = sample_checkpoint(&origin_store, "counter", &payload);
         let mut wire = encode(cp.dir(), "counter");
@@ -1073,10 +1070,7 @@ mod tests {
 
     #[test]
     fn truncated_stream_is_refused() {
-        let origin = tempfile::tempdir().expect("tmp");
-        let dest = tempfile::tempdir().expect("tmp");
-        let origin_store = Store::open(origin.path().join("s")).expect("store");
-        let dest_store = Store::open(dest.path().join("s")).expect("store");
+        let (_dirs, origin_store, dest_store) = two_stores();
         let cp = sample_checkpoint(&origin_store, "counter", &[3u8; 50_000]);
         let plain = zstd::decode_all(&encode(cp.dir(), "counter")[..]).expect("decode");
         let cut = zstd::encode_all(&plain[..plain.len() - 100], 1).expect("encode");
@@ -1087,10 +1081,7 @@ mod tests {
 
     #[test]
     fn refusal_by_receiver_writes_nothing() {
-        let origin = tempfile::tempdir().expect("tmp");
-        let dest = tempfile::tempdir().expect("tmp");
-        let origin_store = Store::open(origin.path().join("s")).expect("store");
-        let dest_store = Store::open(dest.path().join("s")).expect("store");
+        let (_dirs, origin_store, dest_store) = two_stores();
         let cp = sample_checkpoint(&origin_store, "counter", b"x");
         let wire = encode(cp.dir(), "counter");
         let err = receive_checkpoint(&wire[..], &dest_store, |_, _| Err("not here".into()))
@@ -1176,10 +1167,7 @@ mod tests {
 
     #[test]
     fn live_send_streams_page_images_while_they_are_written() {
-        let origin = tempfile::tempdir().expect("tmp");
-        let dest = tempfile::tempdir().expect("tmp");
-        let origin_store = Store::open(origin.path().join("s")).expect("store");
-        let dest_store = Store::open(dest.path().join("s")).expect("store");
+        let (_dirs, origin_store, dest_store) = two_stores();
         let parts = chunks(4, 200_000);
         let (wire, stats) =
             send_live_while(&origin_store, "counter", &parts, |_| {}).expect("send");
@@ -1198,10 +1186,7 @@ mod tests {
 
     #[test]
     fn live_page_image_changed_after_it_was_sent_is_refused() {
-        let origin = tempfile::tempdir().expect("tmp");
-        let dest = tempfile::tempdir().expect("tmp");
-        let origin_store = Store::open(origin.path().join("s")).expect("store");
-        let dest_store = Store::open(dest.path().join("s")).expect("store");
+        let (_dirs, origin_store, dest_store) = two_stores();
         let (wire, stats) = send_live_while(&origin_store, "counter", &chunks(2, 100_000), |p| {
             // Long after the sender saw the first bytes (it looks every few ms).
             std::thread::sleep(Duration::from_millis(100));
