@@ -1,16 +1,18 @@
-//! The node agent's seam to containerd: the [`Containerd`] trait and its two implementations.
+//! The node agent's seam to containerd: the [`Containerd`] trait, its implementation [`Grpc`],
+//! and the [`Ctr`] helper that implementation uses for container records.
 //!
-//! - [`Grpc`] ([`grpc`]) is what the agent uses. The task operations (status, kill, create,
-//!   start, delete) are on a migration's critical path, so it speaks containerd's gRPC API
-//!   directly over its unix socket: one call costs a round trip on a channel kept open, where
-//!   spawning `ctr` costs 10-25 ms, and only the API can create a task without starting it
-//!   ([`Containerd::create_task`]), so that the shim's Create can run ahead of the restore.
-//!   The few messages it needs are declared by hand with prost (no protoc, no generated
-//!   containerd protos).
-//! - [`Ctr`] shells out to the `ctr` command line. [`Grpc`] delegates the container records to
-//!   it (list by label, info, create, delete): they are off the critical path, and `ctr
-//!   containers create` builds the OCI spec (image config, default mounts, namespaces) from
-//!   the few options [`create_args`] rebuilds, which the API would leave to us.
+//! - [`Grpc`] ([`grpc`]) is the [`Containerd`] the agent uses. The task operations (status,
+//!   kill, create, start, delete) are on a migration's critical path, so it speaks
+//!   containerd's gRPC API directly over its unix socket: one call costs a round trip on a
+//!   channel kept open, where spawning `ctr` costs 10-25 ms, and only the API can create a task
+//!   without starting it ([`Containerd::create_task`]), so that the shim's Create can run ahead
+//!   of the restore. The few messages it needs are declared by hand with prost (no protoc, no
+//!   generated containerd protos).
+//! - [`Ctr`] handles the container records (list by label, info, create, delete) through the
+//!   `ctr` command line, for [`Grpc`]: they are off the critical path, and `ctr containers
+//!   create` builds the OCI spec (image config, default mounts, namespaces) from the few
+//!   options [`create_args`] rebuilds, which the API would leave to us. It has no task
+//!   operations.
 //!
 //! Everything behind the trait is faked in the unit tests.
 
@@ -65,18 +67,6 @@ pub enum TaskStatus {
     Unknown,
 }
 
-impl TaskStatus {
-    fn parse(s: &str) -> Self {
-        match s {
-            "CREATED" => Self::Created,
-            "RUNNING" => Self::Running,
-            "PAUSED" | "PAUSING" => Self::Paused,
-            "STOPPED" => Self::Stopped,
-            _ => Self::Unknown,
-        }
-    }
-}
-
 /// A containerd operation that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ContainerdError {
@@ -98,7 +88,8 @@ pub enum ContainerdError {
     },
 }
 
-/// The containerd operations a migration needs. Implementations are per node (one socket).
+/// The containerd operations a migration needs. Implementations are per node (one socket):
+/// [`Grpc`], and fakes in the tests.
 #[async_trait]
 pub trait Containerd: Send + Sync {
     /// Ids of the containers of `namespace` whose label `key` equals `value`.
@@ -142,14 +133,16 @@ pub trait Containerd: Send + Sync {
     async fn delete_container(&self, namespace: &str, id: &str) -> Result<(), ContainerdError>;
 }
 
-/// [`Containerd`] through the `ctr` command line.
+/// Container records (list by label, info, create, delete) through the `ctr` command line:
+/// what [`Grpc`] delegates them to. Not a [`Containerd`]: it has no task operations.
 #[derive(Debug, Clone)]
 pub struct Ctr {
     /// `ctr` binary.
     pub binary: PathBuf,
     /// containerd's gRPC socket.
     pub address: PathBuf,
-    /// How long one call may take. A checkpoint-on-kill of a big container takes a while.
+    /// How long one call may take, here and in [`Grpc`]'s API calls. A checkpoint-on-kill of a
+    /// big container takes a while.
     pub timeout: Duration,
 }
 
@@ -196,15 +189,9 @@ impl Ctr {
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
-}
 
-fn strings(args: &[&str]) -> Vec<String> {
-    args.iter().map(|s| s.to_string()).collect()
-}
-
-#[async_trait]
-impl Containerd for Ctr {
-    async fn list_by_label(
+    /// Ids of the containers of `namespace` whose label `key` equals `value`.
+    pub async fn list_by_label(
         &self,
         namespace: &str,
         key: &str,
@@ -224,7 +211,8 @@ impl Containerd for Ctr {
             .collect())
     }
 
-    async fn info(&self, namespace: &str, id: &str) -> Result<ContainerInfo, ContainerdError> {
+    /// The container's record; [`ContainerdError::NotFound`] if there is no such container.
+    pub async fn info(&self, namespace: &str, id: &str) -> Result<ContainerInfo, ContainerdError> {
         let out = match self
             .run(namespace, &strings(&["containers", "info", id]))
             .await
@@ -240,28 +228,9 @@ impl Containerd for Ctr {
         parse_info(namespace, id, &out)
     }
 
-    async fn task_status(
-        &self,
-        namespace: &str,
-        id: &str,
-    ) -> Result<Option<TaskStatus>, ContainerdError> {
-        let out = self.run(namespace, &strings(&["tasks", "list"])).await?;
-        Ok(out.lines().skip(1).find_map(|line| {
-            let mut fields = line.split_whitespace();
-            (fields.next() == Some(id)).then(|| TaskStatus::parse(fields.nth(1).unwrap_or("")))
-        }))
-    }
-
-    async fn kill(&self, namespace: &str, id: &str, signal: &str) -> Result<(), ContainerdError> {
-        self.run(
-            namespace,
-            &strings(&["tasks", "kill", "--signal", signal, id]),
-        )
-        .await
-        .map(drop)
-    }
-
-    async fn create(&self, info: &ContainerInfo, runtime: &str) -> Result<(), ContainerdError> {
+    /// Creates the container described by `info` (image, spec, labels) with `runtime`, from
+    /// the options [`create_args`] rebuilds.
+    pub async fn create(&self, info: &ContainerInfo, runtime: &str) -> Result<(), ContainerdError> {
         let args = create_args(info, runtime).map_err(|message| ContainerdError::Command {
             command: format!("ctr containers create ... {}", info.id),
             message,
@@ -269,42 +238,9 @@ impl Containerd for Ctr {
         self.run(&info.namespace, &args).await.map(drop)
     }
 
-    /// Unsupported: `ctr` has no command that creates a task without starting it ([`Grpc`]
-    /// does it).
-    async fn create_task(&self, namespace: &str, id: &str) -> Result<(), ContainerdError> {
-        Err(ContainerdError::Command {
-            command: format!("ctr --namespace {namespace} tasks create {id}"),
-            message: "ctr cannot create a task without starting it; use the gRPC implementation"
-                .into(),
-        })
-    }
-
-    /// `ctr tasks start`, which creates the task too: unlike [`Grpc`]'s, it fails on a task
-    /// already created.
-    async fn start_task(&self, namespace: &str, id: &str) -> Result<(), ContainerdError> {
-        self.run(
-            namespace,
-            &strings(&["tasks", "start", "--detach", "--null-io", id]),
-        )
-        .await
-        .map(drop)
-    }
-
-    async fn delete_task(
-        &self,
-        namespace: &str,
-        id: &str,
-        force: bool,
-    ) -> Result<(), ContainerdError> {
-        let mut args = strings(&["tasks", "delete"]);
-        if force {
-            args.push("--force".into());
-        }
-        args.push(id.into());
-        self.run(namespace, &args).await.map(drop)
-    }
-
-    async fn delete_container(&self, namespace: &str, id: &str) -> Result<(), ContainerdError> {
+    /// Deletes the container and its snapshot; [`ContainerdError::NotFound`] if there is no
+    /// such container.
+    pub async fn delete_container(&self, namespace: &str, id: &str) -> Result<(), ContainerdError> {
         match self
             .run(namespace, &strings(&["containers", "delete", id]))
             .await
@@ -318,6 +254,10 @@ impl Containerd for Ctr {
             other => other.map(drop),
         }
     }
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
 }
 
 /// Parses `ctr containers info` output (containerd's `containers.Container` as JSON).

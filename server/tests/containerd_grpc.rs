@@ -142,7 +142,7 @@ async fn grpc_task_lifecycle_against_real_containerd() {
     let ns = node.namespace().to_string();
     let api = Grpc::new(Ctr::new(node.address(), Duration::from_secs(60)));
 
-    // Errors keep the kinds Ctr gives them.
+    // Errors keep the kinds the trait documents.
     assert!(matches!(
         api.create_task(&ns, "nope").await,
         Err(ContainerdError::NotFound { .. })
@@ -167,11 +167,10 @@ async fn grpc_task_lifecycle_against_real_containerd() {
     node.stop().expect("stop");
 }
 
-/// Prints how long a start and a kill take through the API and through ctr (no assertion:
-/// timings vary with the machine's load).
+/// Prints how long a start and a kill take through the API and through the `ctr` command line,
+/// one process per call (no assertion: timings vary with the machine's load).
 async fn timings(node: &Node, image: &TestImage, api: &Grpc) {
     let ns = node.namespace().to_string();
-    let ctr = api.ctr();
     node.ctr_ok(&[
         "containers",
         "create",
@@ -185,28 +184,46 @@ async fn timings(node: &Node, image: &TestImage, api: &Grpc) {
     ])
     .expect("create container");
     let mut lines = Vec::new();
-    for (name, seam) in [
-        ("grpc", api as &dyn Containerd),
-        ("ctr", ctr as &dyn Containerd),
-    ] {
-        let t = Instant::now();
-        seam.task_status(&ns, "t").await.expect("status");
-        let status = t.elapsed();
-        let t = Instant::now();
-        seam.start_task(&ns, "t").await.expect("start");
-        let start = t.elapsed();
-        wait_for(api, &ns, "t", Some(TaskStatus::Running)).await;
-        let t = Instant::now();
-        seam.kill(&ns, "t", "SIGTERM").await.expect("kill");
-        let kill = t.elapsed();
-        wait_for(api, &ns, "t", Some(TaskStatus::Stopped)).await;
-        let t = Instant::now();
-        seam.delete_task(&ns, "t", false).await.expect("delete");
-        let delete = t.elapsed();
-        lines.push(format!(
-            "{name}: task_status {status:?}, start_task {start:?}, kill {kill:?}, delete_task {delete:?}"
-        ));
-    }
+
+    let t = Instant::now();
+    api.task_status(&ns, "t").await.expect("status");
+    let status = t.elapsed();
+    let t = Instant::now();
+    api.start_task(&ns, "t").await.expect("start");
+    let start = t.elapsed();
+    wait_for(api, &ns, "t", Some(TaskStatus::Running)).await;
+    let t = Instant::now();
+    api.kill(&ns, "t", "SIGTERM").await.expect("kill");
+    let kill = t.elapsed();
+    wait_for(api, &ns, "t", Some(TaskStatus::Stopped)).await;
+    let t = Instant::now();
+    api.delete_task(&ns, "t", false).await.expect("delete");
+    let delete = t.elapsed();
+    lines.push(format!(
+        "grpc: task_status {status:?}, start_task {start:?}, kill {kill:?}, delete_task {delete:?}"
+    ));
+
+    let t = Instant::now();
+    node.task_status("t").expect("ctr tasks ls");
+    let status = t.elapsed();
+    let t = Instant::now();
+    node.ctr_ok(&["tasks", "start", "--detach", "--null-io", "t"])
+        .expect("ctr tasks start");
+    let start = t.elapsed();
+    wait_for(api, &ns, "t", Some(TaskStatus::Running)).await;
+    let t = Instant::now();
+    node.ctr_ok(&["tasks", "kill", "--signal", "SIGTERM", "t"])
+        .expect("ctr tasks kill");
+    let kill = t.elapsed();
+    wait_for(api, &ns, "t", Some(TaskStatus::Stopped)).await;
+    let t = Instant::now();
+    node.ctr_ok(&["tasks", "delete", "t"])
+        .expect("ctr tasks delete");
+    let delete = t.elapsed();
+    lines.push(format!(
+        "ctr: tasks ls {status:?}, tasks start {start:?}, tasks kill {kill:?}, tasks delete {delete:?}"
+    ));
+
     api.delete_container(&ns, "t")
         .await
         .expect("delete container");

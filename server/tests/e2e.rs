@@ -1,5 +1,5 @@
-//! End to end, as root, against real containerd: the `ctr` seam, and whole migrations between
-//! two private containerd nodes whose agents live in network namespaces made here
+//! End to end, as root, against real containerd: the containerd seam, and whole migrations
+//! between two private containerd nodes whose agents live in network namespaces made here
 //! (10.231.0.1 and 10.231.0.2 on a veth pair; nothing else is ever a target).
 //!
 //! Skips with one line when prerequisites are missing; `MIG_E2E_REQUIRED=1` makes that a
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use mig_e2e::node::unique_namespace;
 use mig_e2e::{MIG_RUNTIME, Node, NodeOptions, RUNC_RUNTIME, TestImage, require_root_and_tools};
-use mig_server::containerd::{Containerd, Ctr, TaskStatus, WORKLOAD_LABEL};
+use mig_server::containerd::{Containerd, Ctr, Grpc, TaskStatus, WORKLOAD_LABEL};
 use serde_json::{Value, json};
 
 const TOKEN: &str = "e2e-token-5b0c1d2e3f";
@@ -39,8 +39,8 @@ fn prerequisites(test: &str) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ctr_seam_against_real_containerd() {
-    if !prerequisites("ctr_seam_against_real_containerd") {
+async fn containerd_seam_against_real_containerd() {
+    if !prerequisites("containerd_seam_against_real_containerd") {
         return;
     }
     let node = Node::start("seam").expect("node");
@@ -65,38 +65,39 @@ async fn ctr_seam_against_real_containerd() {
         "while :; do sleep 1; done",
     ])
     .expect("run");
-    let ctr = Ctr::new(node.address(), Duration::from_secs(60));
-    let ids = ctr
+    // The agent's implementation, built as main.rs builds it.
+    let api = Grpc::new(Ctr::new(node.address(), Duration::from_secs(60)));
+    let ids = api
         .list_by_label(&ns, WORKLOAD_LABEL, "counter")
         .await
         .expect("list");
     assert_eq!(ids, vec!["c1".to_string()]);
     assert!(
-        ctr.list_by_label(&ns, WORKLOAD_LABEL, "other")
+        api.list_by_label(&ns, WORKLOAD_LABEL, "other")
             .await
             .expect("list")
             .is_empty()
     );
-    let mut info = ctr.info(&ns, "c1").await.expect("info");
+    let mut info = api.info(&ns, "c1").await.expect("info");
     assert_eq!(info.image, image.name);
     assert_eq!(info.runtime, RUNC_RUNTIME);
     assert!(matches!(
-        ctr.info(&ns, "nope").await,
+        api.info(&ns, "nope").await,
         Err(mig_server::containerd::ContainerdError::NotFound { .. })
     ));
     assert_eq!(
-        ctr.task_status(&ns, "c1").await.expect("status"),
+        api.task_status(&ns, "c1").await.expect("status"),
         Some(TaskStatus::Running)
     );
     // Recreate it under another id from its record, as a destination does.
     info.id = "c2".into();
-    ctr.create(&info, RUNC_RUNTIME).await.expect("create");
-    ctr.start_task(&ns, "c2").await.expect("start");
+    api.create(&info, RUNC_RUNTIME).await.expect("create");
+    api.start_task(&ns, "c2").await.expect("start");
     assert_eq!(
-        ctr.task_status(&ns, "c2").await.expect("status"),
+        api.task_status(&ns, "c2").await.expect("status"),
         Some(TaskStatus::Running)
     );
-    let c2 = ctr.info(&ns, "c2").await.expect("info");
+    let c2 = api.info(&ns, "c2").await.expect("info");
     assert_eq!(
         c2.labels.get(WORKLOAD_LABEL).map(String::as_str),
         Some("counter")
@@ -111,14 +112,14 @@ async fn ctr_seam_against_real_containerd() {
         c2.spec["process"]["env"]
     );
     for id in ["c1", "c2"] {
-        ctr.kill(&ns, id, "SIGKILL").await.expect("kill");
+        api.kill(&ns, id, "SIGKILL").await.expect("kill");
         let deadline = Instant::now() + Duration::from_secs(10);
-        while ctr.task_status(&ns, id).await.expect("status") != Some(TaskStatus::Stopped) {
+        while api.task_status(&ns, id).await.expect("status") != Some(TaskStatus::Stopped) {
             assert!(Instant::now() < deadline, "{id} did not stop");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        ctr.delete_task(&ns, id, false).await.expect("delete task");
-        ctr.delete_container(&ns, id)
+        api.delete_task(&ns, id, false).await.expect("delete task");
+        api.delete_container(&ns, id)
             .await
             .expect("delete container");
     }

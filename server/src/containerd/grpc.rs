@@ -345,9 +345,9 @@ fn mount_label_option(label: &str) -> String {
     format!("context={label:?}")
 }
 
-/// [`Containerd`] over containerd's gRPC API for the task operations; the container records
-/// (list, info, create, delete) go through the wrapped [`Ctr`], whose socket and timeout it
-/// shares.
+/// The [`Containerd`] implementation: the task operations over containerd's gRPC API; the
+/// container records (list, info, create, delete) go through the wrapped [`Ctr`] helper, whose
+/// socket and timeout it shares.
 #[derive(Debug)]
 pub struct Grpc {
     ctr: Ctr,
@@ -362,11 +362,6 @@ impl Grpc {
             ctr,
             channel: OnceCell::new(),
         }
-    }
-
-    /// The `ctr` the container operations go through.
-    pub fn ctr(&self) -> &Ctr {
-        &self.ctr
     }
 
     async fn channel(&self) -> Result<Channel, Status> {
