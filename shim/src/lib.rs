@@ -6,6 +6,7 @@
 //! [`runc`] the seam to runc, [`io`] stdio plumbing, [`options`] the runtime configuration.
 
 pub mod container;
+pub mod criu;
 pub mod dmtcp;
 pub mod error;
 pub mod events;

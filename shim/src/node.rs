@@ -7,6 +7,7 @@ use mig_checkpoint::{SafeName, Store, WorkloadIdentity};
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    criu::NetworkLock,
     error::{Error, Result},
     options::RuntimeOptions,
 };
@@ -58,6 +59,8 @@ pub struct NodeConfig {
     pub dmtcp_dir: Option<PathBuf>,
     /// The restore-hook binary injected into DMTCP containers.
     pub hook_binary: PathBuf,
+    /// How CRIU locks a container's network while it dumps.
+    pub criu_network_lock: NetworkLock,
 }
 
 /// A migration mark: the node agent asks that the next stop of a workload checkpoint it first.
@@ -105,6 +108,13 @@ impl NodeConfig {
             Some(e) => EngineKind::parse(&e, "the runtime option Engine (or MIG_ENGINE)")?,
             None => EngineKind::Criu,
         };
+        let criu_network_lock = match pick(&o.criu_network_lock, "MIG_CRIU_NETWORK_LOCK") {
+            Some(l) => NetworkLock::parse(
+                &l,
+                "the runtime option CriuNetworkLock (or MIG_CRIU_NETWORK_LOCK)",
+            )?,
+            None => NetworkLock::default(),
+        };
         Ok(Self {
             state_dir: pick(&o.state_dir, "MIG_STATE_DIR")
                 .unwrap_or_else(|| DEFAULT_STATE_DIR.into())
@@ -114,6 +124,7 @@ impl NodeConfig {
             hook_binary: pick("", "MIG_RESTORE_HOOK")
                 .unwrap_or_else(|| DEFAULT_HOOK.into())
                 .into(),
+            criu_network_lock,
         })
     }
 
@@ -254,6 +265,7 @@ mod tests {
             default_engine: EngineKind::Criu,
             dmtcp_dir: None,
             hook_binary: DEFAULT_HOOK.into(),
+            criu_network_lock: NetworkLock::Auto,
         }
     }
 

@@ -47,6 +47,10 @@ pub struct RuntimeOptions {
     /// Where DMTCP is installed on the node (its `bin/` holds `dmtcp_launch`).
     #[serde(rename = "DmtcpDir", default)]
     pub dmtcp_dir: String,
+    /// How CRIU locks a container's network while it dumps: `auto` (default: nftables where
+    /// the node's CRIU supports it, else iptables), `nftables` or `iptables`.
+    #[serde(rename = "CriuNetworkLock", default)]
+    pub criu_network_lock: String,
     /// containerd's runc options that this shim accepts but has no use for.
     #[serde(rename = "ShimCgroup", default)]
     pub shim_cgroup: String,

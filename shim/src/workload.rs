@@ -17,11 +17,12 @@ use oci_spec::runtime::Spec;
 use tokio::sync::OnceCell;
 
 use crate::{
+    criu,
     dmtcp::{self, DmtcpInstall, InjectDirs},
     error::{Error, Result},
     node::{EngineKind, NodeConfig},
     overlay::Rootfs,
-    runc::{CheckpointOpts, Runtime, run_watched},
+    runc::{CheckpointOpts, Runtime},
 };
 
 /// The project's annotation prefix; the CRI copies pod annotations matching the runtime's
@@ -51,8 +52,8 @@ const DMTCP_CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(600);
 pub enum Engine {
     /// CRIU through runc.
     Criu {
-        /// `criu --version`.
-        version: String,
+        /// What the node's CRIU is and can do.
+        facts: criu::Facts,
     },
     /// DMTCP through the restore-hook.
     Dmtcp {
@@ -67,7 +68,7 @@ impl Engine {
     /// Name and version, as a checkpoint records them.
     pub fn info(&self) -> EngineInfo {
         match self {
-            Engine::Criu { version } => EngineInfo::new("criu", version.clone()),
+            Engine::Criu { facts } => EngineInfo::new("criu", facts.version.clone()),
             Engine::Dmtcp { install, .. } => EngineInfo::new("dmtcp", install.version.clone()),
         }
     }
@@ -113,36 +114,7 @@ pub struct Workload {
     pub pending: Option<Checkpoint>,
 }
 
-static CRIU_VERSION: OnceCell<String> = OnceCell::const_new();
 static DMTCP: OnceCell<DmtcpInstall> = OnceCell::const_new();
-
-/// `criu --version`, once per shim.
-pub async fn criu_version() -> Result<String> {
-    CRIU_VERSION
-        .get_or_try_init(|| async {
-            let mut cmd = std::process::Command::new("criu");
-            cmd.arg("--version");
-            let done = run_watched(cmd, None).await.map_err(|e| {
-                Error::FailedPrecondition(format!(
-                    "the CRIU engine needs criu on the node's PATH: {e}"
-                ))
-            })?;
-            done.stdout
-                .lines()
-                .find_map(|l| l.strip_prefix("Version:"))
-                .map(|v| v.trim().to_string())
-                .filter(|v| !v.is_empty())
-                .ok_or_else(|| {
-                    Error::FailedPrecondition(format!(
-                        "`criu --version` printed no version (exit {}): {}",
-                        done.code,
-                        done.stderr.trim()
-                    ))
-                })
-        })
-        .await
-        .cloned()
-}
 
 async fn dmtcp_install(node: &NodeConfig) -> Result<DmtcpInstall> {
     let dir = node.dmtcp_dir.clone();
@@ -250,7 +222,7 @@ impl Workload {
         let scratch = node.container_dir(namespace, id)?;
         let engine = match kind {
             EngineKind::Criu => Engine::Criu {
-                version: criu_version().await?,
+                facts: criu::facts(&node.state_dir).await?,
             },
             EngineKind::Dmtcp => {
                 let install = dmtcp_install(&node).await?;
@@ -356,11 +328,26 @@ impl Workload {
         .map_err(|e| Error::Other(format!("unpack checkpoint: {e}")))?
     }
 
-    /// For DMTCP: checks the entrypoint can be wrapped and rewrites the bundle's spec so that
-    /// the restore-hook runs it. A no-op for CRIU.
-    pub fn wrap_entrypoint(&self, spec: &mut Spec, bundle: &Path) -> Result<()> {
-        let Engine::Dmtcp { install, dirs } = &self.engine else {
-            return Ok(());
+    /// Rewrites the bundle's spec for the engine. CRIU: the container's own CRIU
+    /// configuration (network lock, see [`criu`]), when it needs one. DMTCP: checks the
+    /// entrypoint can be wrapped and has the restore-hook run it.
+    pub fn prepare_spec(&self, spec: &mut Spec, bundle: &Path) -> Result<()> {
+        let (install, dirs) = match &self.engine {
+            Engine::Criu { facts } => {
+                let changed = criu::configure(
+                    spec,
+                    &self.scratch,
+                    self.node.criu_network_lock,
+                    facts,
+                    Path::new(criu::RUNC_DEFAULT_CONFIG),
+                )?;
+                if changed {
+                    spec.save(bundle.join("config.json"))
+                        .map_err(|e| Error::Other(format!("write the spec: {e}")))?;
+                }
+                return Ok(());
+            }
+            Engine::Dmtcp { install, dirs } => (install, dirs),
         };
         let root = self
             .rootfs
@@ -466,7 +453,9 @@ impl Workload {
                     .hash_images_while_written()
                     .map_err(|e| running(Error::Other(format!("checkpoint of {id}: {e}"))))?;
                 // A failed dump leaves the processes running (CRIU resumes them).
+                let began = std::time::Instant::now();
                 runtime.checkpoint(id, &opts).await.map_err(running)?;
+                tracing::info!(container_id = %id, elapsed_ms = began.elapsed().as_millis() as u64, "CRIU dump done");
                 writer.images_written();
             }
             Engine::Dmtcp { dirs, .. } => {
@@ -734,7 +723,10 @@ mod tests {
         Workload {
             identity: WorkloadIdentity::container("default", "c1").unwrap(),
             engine: Engine::Criu {
-                version: version.into(),
+                facts: criu::Facts {
+                    version: version.into(),
+                    nftables: false,
+                },
             },
             image: String::new(),
             rootfs: None,
@@ -745,6 +737,7 @@ mod tests {
                 default_engine: EngineKind::Criu,
                 dmtcp_dir: None,
                 hook_binary: dir.join("hook"),
+                criu_network_lock: criu::NetworkLock::Auto,
             },
             scratch: dir.join("scratch"),
             pending: None,

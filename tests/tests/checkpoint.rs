@@ -399,6 +399,10 @@ fn checkpoint_on_a(p: &Pair, volume: &Path, engine: &str, exit: i32) -> u64 {
         ckpt.display()
     );
     p.a.wait_for_status(ID, "STOPPED", WAIT).unwrap();
+    if engine == "CRIU" {
+        // Before the task is deleted (exit_code below): that removes the container's dir.
+        assert_criu_configured(p);
+    }
     let last = *log_numbers(&volume.join("log"))
         .last()
         .expect("the log is not empty");
@@ -421,6 +425,45 @@ fn checkpoint_on_a(p: &Pair, volume: &Path, engine: &str, exit: i32) -> u64 {
         panic!("after the checkpoint on stop: {e:#}");
     }
     last
+}
+
+/// The dump on A read the container's own CRIU configuration (the shim names it in the
+/// spec), which has CRIU lock the network with nftables where this CRIU supports it.
+fn assert_criu_configured(p: &Pair) {
+    let dir = p
+        .state(&p.a)
+        .join("containers")
+        .join(p.a.namespace())
+        .join(ID);
+    let conf = dir.join("criu.conf");
+    let nftables = Command::new("criu")
+        .args(["check", "--feature", "nftables"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !nftables {
+        assert!(
+            !conf.exists(),
+            "{} written though this CRIU cannot lock with nftables",
+            conf.display()
+        );
+        return;
+    }
+    let text = fs::read_to_string(&conf)
+        .unwrap_or_else(|e| panic!("the container's CRIU configuration {}: {e}", conf.display()));
+    assert!(
+        text.lines().any(|l| l == "network-lock nftables"),
+        "{} does not choose nftables: {text:?}",
+        conf.display()
+    );
+    let log_path = dir.join("criu-work").join("dump.log");
+    let log = fs::read_to_string(&log_path)
+        .unwrap_or_else(|e| panic!("CRIU's dump log {}: {e}", log_path.display()));
+    assert!(
+        log.contains(&format!("Parsing config file {}", conf.display())),
+        "CRIU's dump did not read {}; its log begins:\n{}",
+        conf.display(),
+        log.lines().take(10).collect::<Vec<_>>().join("\n")
+    );
 }
 
 /// Runs the counter on A with checkpoint-on-stop and the volume `vol_a`, then checkpoints it

@@ -147,7 +147,7 @@ impl Service {
             }
         };
         if let (Some(w), Some(spec)) = (workload, spec)
-            && let Err(e) = w.wrap_entrypoint(spec, bundle)
+            && let Err(e) = w.prepare_spec(spec, bundle)
         {
             unmount_all(&rootfs);
             return Err(e);
