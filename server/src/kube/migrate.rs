@@ -232,6 +232,9 @@ impl Controller {
                     Ok(_) => self.step(id, format!("removed the checkpoint from {}", origin.name)),
                     Err(e) => self.update(id, |m| m.warnings.push(format!("origin cleanup: {e}"))),
                 }
+                // Done only once the origin is cleaned up, as outside Kubernetes: a client that
+                // sees `done` finds no mark nor checkpoint of the workload left on the origin.
+                self.advance(id, Phase::Done);
                 info!(migration = %id, "kubernetes migration done");
             }
             Err(reason) => {
@@ -353,7 +356,6 @@ impl Controller {
                 k.state_restored = true;
             }
         });
-        self.advance(id, Phase::Done);
         Ok(())
     }
 
