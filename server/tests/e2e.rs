@@ -144,7 +144,9 @@ fn ip(args: &[&str]) {
 
 impl Net {
     fn new() -> Self {
-        let tag = std::process::id() % 100_000;
+        // Unique per process and call: the tests of this file run in parallel.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let tag = (std::process::id() % 10_000) * 10 + NEXT.fetch_add(1, Ordering::SeqCst) % 10;
         let net = Net {
             a: format!("miga-{tag}"),
             b: format!("migb-{tag}"),
@@ -367,6 +369,130 @@ fn rand_suffix() -> u128 {
         .unwrap_or_default()
 }
 
+/// Two containerd nodes sharing a namespace, each with its state dir, and their agents in two
+/// network namespaces: node01 (10.231.0.1, controller too) and node02 (10.231.0.2), both
+/// registered. Dropped in field order: agents, network, nodes, then the work dir.
+struct Cluster {
+    _agent_a: Agent,
+    agent_b: Agent,
+    net: Net,
+    b: Node,
+    a: Node,
+    state_a: PathBuf,
+    state_b: PathBuf,
+    b_args: Vec<String>,
+    work: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Starts it, with `env` added to both nodes' (and so their shims') environment and
+    /// `image` imported on both.
+    fn start(env: &[(&str, &str)], image: &TestImage) -> Self {
+        let work = tempfile::tempdir().expect("tmp");
+        let ns = unique_namespace("mig");
+        let node = |name: &str, state: &Path| {
+            let mut vars: BTreeMap<String, String> = env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            vars.insert("MIG_STATE_DIR".into(), state.display().to_string());
+            Node::start_with(
+                name,
+                NodeOptions {
+                    namespace: Some(ns.clone()),
+                    owns_namespace: true,
+                    env: vars,
+                    ..Default::default()
+                },
+            )
+            .expect("node")
+        };
+        let (state_a, state_b) = (work.path().join("state-a"), work.path().join("state-b"));
+        let (a, b) = (node("node01", &state_a), node("node02", &state_b));
+        a.import(image).expect("import");
+        b.import(image).expect("import");
+        let net = Net::new();
+        let a_sock = a.address().display().to_string();
+        let b_sock = b.address().display().to_string();
+        let (sa, sb) = (state_a.display().to_string(), state_b.display().to_string());
+        let agent_a = Agent::start(
+            &net.a,
+            &[
+                "--role",
+                "all",
+                "--listen",
+                "10.231.0.1:7070",
+                "--node-name",
+                "node01",
+                "--containerd-address",
+                &a_sock,
+                "--namespace",
+                &ns,
+                "--state-dir",
+                &sa,
+                "--migration-timeout-secs",
+                "120",
+            ],
+            &work.path().join("agent-a.log"),
+        );
+        let b_args: Vec<String> = [
+            "--role",
+            "node",
+            "--listen",
+            "10.231.0.2:7070",
+            "--node-name",
+            "node02",
+            "--controller",
+            "http://10.231.0.1:7070",
+            "--containerd-address",
+            &b_sock,
+            "--namespace",
+            &ns,
+            "--state-dir",
+            &sb,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let agent_b = Agent::start(&net.b, &strs(&b_args), &work.path().join("agent-b.log"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http(&net.a, "GET", "/nodes", None, false)
+            .1
+            .as_array()
+            .map_or(0, Vec::len)
+            < 2
+        {
+            assert!(Instant::now() < deadline, "agents did not register");
+            thread::sleep(Duration::from_millis(100));
+        }
+        Cluster {
+            _agent_a: agent_a,
+            agent_b,
+            net,
+            b,
+            a,
+            state_a,
+            state_b,
+            b_args,
+            work,
+        }
+    }
+
+    /// Kills node02's agent and starts a new one; its log goes to `log` in the work dir.
+    fn restart_agent_b(&mut self, log: &str) {
+        self.agent_b.kill();
+        self.agent_b = Agent::start(
+            &self.net.b,
+            &strs(&self.b_args),
+            &self.work.path().join(log),
+        );
+    }
+}
+
+fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
 #[test]
 fn migrate_between_two_nodes_with_faults() {
     const TEST: &str = "migrate_between_two_nodes_with_faults";
@@ -378,28 +504,9 @@ fn migrate_between_two_nodes_with_faults() {
             return skip(TEST, &format!("`{tool}` is not on PATH"));
         }
     }
-    let work = tempfile::tempdir().expect("tmp");
-    let ns = unique_namespace("mig");
-    let node = |name: &str, state: &Path| {
-        let env = BTreeMap::from([("MIG_STATE_DIR".to_string(), state.display().to_string())]);
-        Node::start_with(
-            name,
-            NodeOptions {
-                namespace: Some(ns.clone()),
-                owns_namespace: true,
-                env,
-                ..Default::default()
-            },
-        )
-        .expect("node")
-    };
-    let (state_a, state_b) = (work.path().join("state-a"), work.path().join("state-b"));
-    let (a, b) = (node("node01", &state_a), node("node02", &state_b));
     let image = TestImage::busybox().expect("image");
-    a.import(&image).expect("import");
-    b.import(&image).expect("import");
-    let net = Net::new();
-    a.ctr_ok(&[
+    let mut c = Cluster::start(&[], &image);
+    c.a.ctr_ok(&[
         "run",
         "-d",
         "--null-io",
@@ -415,74 +522,30 @@ fn migrate_between_two_nodes_with_faults() {
     ])
     .expect("run counter");
 
-    let a_sock = a.address().display().to_string();
-    let b_sock = b.address().display().to_string();
-    let (sa, sb) = (state_a.display().to_string(), state_b.display().to_string());
-    let _agent_a = Agent::start(
-        &net.a,
-        &[
-            "--role",
-            "all",
-            "--listen",
-            "10.231.0.1:7070",
-            "--node-name",
-            "node01",
-            "--containerd-address",
-            &a_sock,
-            "--namespace",
-            &ns,
-            "--state-dir",
-            &sa,
-            "--migration-timeout-secs",
-            "120",
-        ],
-        &work.path().join("agent-a.log"),
-    );
-    let b_args = [
-        "--role",
-        "node",
-        "--listen",
-        "10.231.0.2:7070",
-        "--node-name",
-        "node02",
-        "--controller",
-        "http://10.231.0.1:7070",
-        "--containerd-address",
-        &b_sock,
-        "--namespace",
-        &ns,
-        "--state-dir",
-        &sb,
-    ];
-    let mut agent_b = Agent::start(&net.b, &b_args, &work.path().join("agent-b.log"));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while http(&net.a, "GET", "/nodes", None, false)
-        .1
-        .as_array()
-        .map_or(0, Vec::len)
-        < 2
-    {
-        assert!(Instant::now() < deadline, "agents did not register");
-        thread::sleep(Duration::from_millis(100));
-    }
-
     // Bad requests change nothing.
     let migrate =
         |dest: &str| json!({"deployment": "counter", "originNode": "node01", "destNode": dest});
     assert_eq!(
-        http(&net.a, "POST", "/migrate", Some(&migrate("node02")), false).0,
+        http(
+            &c.net.a,
+            "POST",
+            "/migrate",
+            Some(&migrate("node02")),
+            false
+        )
+        .0,
         401
     );
     assert_eq!(
-        http(&net.a, "POST", "/migrate", Some(&migrate("node01")), true).0,
+        http(&c.net.a, "POST", "/migrate", Some(&migrate("node01")), true).0,
         400
     );
     assert_eq!(
-        http(&net.a, "POST", "/migrate", Some(&migrate("node09")), true).0,
+        http(&c.net.a, "POST", "/migrate", Some(&migrate("node09")), true).0,
         404
     );
     let (s, _) = http(
-        &net.a,
+        &c.net.a,
         "POST",
         "/migrate",
         Some(&json!({"deployment": "nope", "originNode": "node01", "destNode": "node02"})),
@@ -491,10 +554,10 @@ fn migrate_between_two_nodes_with_faults() {
     assert_eq!(s, 404);
 
     let fails_and_stays = |dest: &str, what: &str| {
-        let before = count(&a, "counter");
-        let (s, m) = http(&net.a, "POST", "/migrate", Some(&migrate(dest)), true);
+        let before = count(&c.a, "counter");
+        let (s, m) = http(&c.net.a, "POST", "/migrate", Some(&migrate(dest)), true);
         assert_eq!(s, 202, "{what}: {m}");
-        let m = wait_terminal(&net.a, m["id"].as_str().expect("id"));
+        let m = wait_terminal(&c.net.a, m["id"].as_str().expect("id"));
         assert!(
             ["failed", "rolled_back"].contains(&m["phase"].as_str().unwrap_or("")),
             "{what}: {m}"
@@ -505,10 +568,10 @@ fn migrate_between_two_nodes_with_faults() {
                 .is_some_and(|r| !r.is_empty()),
             "{what}: {m}"
         );
-        a.wait_for_status("counter", "RUNNING", Duration::from_secs(30))
+        c.a.wait_for_status("counter", "RUNNING", Duration::from_secs(30))
             .expect(what);
         thread::sleep(Duration::from_millis(500));
-        let after = count(&a, "counter");
+        let after = count(&c.a, "counter");
         eprintln!("{what}: counter {before} -> {after}; migration {m}");
         assert!(
             after > before,
@@ -518,9 +581,9 @@ fn migrate_between_two_nodes_with_faults() {
     };
 
     // 1. A corrupted byte in the stream.
-    proxy(&net.b, "10.231.0.2:7171", "10.231.0.2:7070", 2048, None);
+    proxy(&c.net.b, "10.231.0.2:7171", "10.231.0.2:7070", 2048, None);
     http(
-        &net.a,
+        &c.net.a,
         "POST",
         "/register",
         Some(&json!({"name": "node03", "address": "10.231.0.2:7171"})),
@@ -528,12 +591,12 @@ fn migrate_between_two_nodes_with_faults() {
     );
     fails_and_stays("node03", "corrupted stream");
     assert!(
-        mig_dir_clean(&state_b),
+        mig_dir_clean(&c.state_b),
         "partial data left on the destination"
     );
     // The container and its task, created ahead on the destination, went with the abort.
     assert!(
-        b.ctr_ok(&["containers", "ls", "-q"])
+        c.b.ctr_ok(&["containers", "ls", "-q"])
             .expect("ls")
             .trim()
             .is_empty(),
@@ -541,67 +604,153 @@ fn migrate_between_two_nodes_with_faults() {
     );
 
     // 2. Restore fails on the destination (its image is gone, so create fails).
-    b.ctr_ok(&["images", "rm", &image.name]).expect("rm image");
+    c.b.ctr_ok(&["images", "rm", &image.name])
+        .expect("rm image");
     fails_and_stays("node02", "failed restore");
     assert!(
-        b.ctr_ok(&["containers", "ls", "-q"])
+        c.b.ctr_ok(&["containers", "ls", "-q"])
             .expect("ls")
             .trim()
             .is_empty()
     );
-    assert!(mig_dir_clean(&state_b));
-    b.import(&image).expect("import");
+    assert!(mig_dir_clean(&c.state_b));
+    c.b.import(&image).expect("import");
 
     // 3. The destination agent is killed during the transfer.
-    let pid = agent_b.0.id();
+    let pid = c.agent_b.0.id();
     proxy(
-        &net.b,
+        &c.net.b,
         "10.231.0.2:7172",
         "10.231.0.2:7070",
         2048,
         Some(pid),
     );
     http(
-        &net.a,
+        &c.net.a,
         "POST",
         "/register",
         Some(&json!({"name": "node04", "address": "10.231.0.2:7172"})),
         true,
     );
     fails_and_stays("node04", "destination killed");
-    agent_b.kill();
-    agent_b = Agent::start(&net.b, &b_args, &work.path().join("agent-b2.log"));
+    c.restart_agent_b("agent-b2.log");
     thread::sleep(Duration::from_secs(1));
-    assert!(mig_dir_clean(&state_b), "restarted agent left partial data");
+    assert!(
+        mig_dir_clean(&c.state_b),
+        "restarted agent left partial data"
+    );
 
     // 4. The real thing.
     thread::sleep(Duration::from_millis(500));
-    let before = count(&a, "counter");
-    let (s, m) = http(&net.a, "POST", "/migrate", Some(&migrate("node02")), true);
+    let before = count(&c.a, "counter");
+    let (s, m) = http(&c.net.a, "POST", "/migrate", Some(&migrate("node02")), true);
     assert_eq!(s, 202, "{m}");
-    let m = wait_terminal(&net.a, m["id"].as_str().expect("id"));
+    let m = wait_terminal(&c.net.a, m["id"].as_str().expect("id"));
     assert_eq!(m["phase"], "done", "{m}");
-    b.wait_for_status("counter", "RUNNING", Duration::from_secs(10))
+    c.b.wait_for_status("counter", "RUNNING", Duration::from_secs(10))
         .expect("running on b");
     thread::sleep(Duration::from_millis(500));
-    let after = count(&b, "counter");
+    let after = count(&c.b, "counter");
     eprintln!("migrated: counter {before} -> {after}; migration {m}");
     assert!(
         after > before,
         "counter restarted on the destination: {before} -> {after}"
     );
     assert!(
-        a.ctr_ok(&["containers", "ls", "-q"])
+        c.a.ctr_ok(&["containers", "ls", "-q"])
             .expect("ls")
             .trim()
             .is_empty(),
         "still on origin"
     );
-    let incoming = std::fs::read_dir(state_b.join("incoming"))
+    let incoming = std::fs::read_dir(c.state_b.join("incoming"))
         .map(|d| d.count())
         .unwrap_or(0);
     assert_eq!(incoming, 0, "the incoming mark is left after the restore");
-    drop(agent_b);
+}
+
+/// A DMTCP workload through `POST /migrate`: the destination creates it ahead of its
+/// checkpoint (the shim defers DMTCP's wrapping and restart to start), it resumes there with
+/// its memory, and nothing of it is left on the origin.
+#[test]
+fn dmtcp_workload_migrates_through_the_server() {
+    const TEST: &str = "dmtcp_workload_migrates_through_the_server";
+    if !prerequisites(TEST) {
+        return;
+    }
+    for tool in ["curl", "ip"] {
+        if mig_e2e::prereq::find_on_path(tool).is_none() {
+            return skip(TEST, &format!("`{tool}` is not on PATH"));
+        }
+    }
+    let (dmtcp, hook) = match mig_e2e::dmtcp::prerequisites() {
+        Ok(found) => found,
+        Err(missing) => return missing.report(TEST),
+    };
+    let image = mig_e2e::dmtcp::counter_image().expect("DMTCP counter image");
+    let (dmtcp, hook) = (dmtcp.display().to_string(), hook.display().to_string());
+    let c = Cluster::start(
+        &[
+            ("MIG_ENGINE", "dmtcp"),
+            ("MIG_DMTCP_DIR", &dmtcp),
+            ("MIG_RESTORE_HOOK", &hook),
+        ],
+        &image,
+    );
+    c.a.ctr_ok(&[
+        "run",
+        "-d",
+        "--null-io",
+        "--runtime",
+        MIG_RUNTIME,
+        "--label",
+        &format!("{WORKLOAD_LABEL}=counter"),
+        &image.name,
+        "counter",
+        "/counter",
+    ])
+    .expect("run counter under DMTCP");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let before = loop {
+        let n = count(&c.a, "counter");
+        if n >= 5 || Instant::now() > deadline {
+            break n;
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    let migrate = json!({"deployment": "counter", "originNode": "node01", "destNode": "node02"});
+    let (s, m) = http(&c.net.a, "POST", "/migrate", Some(&migrate), true);
+    assert_eq!(s, 202, "{m}");
+    let m = wait_terminal(&c.net.a, m["id"].as_str().expect("id"));
+    assert_eq!(
+        m["phase"],
+        "done",
+        "{m}\nnode02's shim log:\n{}",
+        c.b.log_lines_with("counter")
+    );
+    c.b.wait_for_status("counter", "RUNNING", Duration::from_secs(10))
+        .expect("running on node02");
+    let first = count(&c.b, "counter");
+    eprintln!("DMTCP migrated: counter {before} -> {first}; migration {m}");
+    assert!(
+        first >= before,
+        "the counter restarted on the destination: {before} -> {first}"
+    );
+    thread::sleep(Duration::from_millis(500));
+    let later = count(&c.b, "counter");
+    assert!(
+        later > first,
+        "not counting on the destination: {first} -> {later}"
+    );
+    assert!(
+        c.a.ctr_ok(&["containers", "ls", "-q"])
+            .expect("ls")
+            .trim()
+            .is_empty(),
+        "still on the origin"
+    );
+    assert!(mig_dir_clean(&c.state_a), "left on the origin");
+    assert!(mig_dir_clean(&c.state_b), "left on the destination");
 }
 
 /// No checkpoint, temp dir, migration record or incoming mark left in a node's state dir.

@@ -15,6 +15,7 @@
 
 pub mod command;
 pub mod cri;
+pub mod dmtcp;
 pub mod image;
 pub mod leftovers;
 pub mod node;

@@ -21,7 +21,7 @@ use mig_checkpoint::WorkloadIdentity;
 use mig_e2e::command::{describe, output_with_timeout, status_text};
 use mig_e2e::node::CTR_TIMEOUT;
 use mig_e2e::prereq::{find_on_path, require_root_and_tools};
-use mig_e2e::{ImageFile, Node, NodeOptions, Skip, TestImage, leftovers, unique_namespace};
+use mig_e2e::{Node, NodeOptions, Skip, TestImage, leftovers, unique_namespace};
 
 /// The migrating container's id, the same on both nodes.
 const ID: &str = "counter";
@@ -991,100 +991,6 @@ fn failed_checkpoint_keeps_the_container_running() {
     p.assert_clean();
 }
 
-/// Where DMTCP is: `MIG_DMTCP_DIR`, the install root of `dmtcp_launch` on PATH, or /opt/dmtcp.
-fn find_dmtcp() -> Option<PathBuf> {
-    if let Some(dir) = std::env::var_os("MIG_DMTCP_DIR").filter(|d| !d.is_empty()) {
-        return Some(PathBuf::from(dir));
-    }
-    if let Some(launch) = find_on_path("dmtcp_launch") {
-        return launch.parent()?.parent().map(Path::to_path_buf);
-    }
-    let opt = Path::new("/opt/dmtcp");
-    opt.join("bin/dmtcp_launch")
-        .is_file()
-        .then(|| opt.to_path_buf())
-}
-
-/// The static restore-hook: `MIG_RESTORE_HOOK`, else the workspace's static build.
-fn find_hook() -> PathBuf {
-    std::env::var_os("MIG_RESTORE_HOOK")
-        .filter(|d| !d.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            mig_e2e::workspace_dir()
-                .join("target/x86_64-unknown-linux-gnu/release/mig-restore-hook")
-        })
-}
-
-const C_COUNTER: &str = r#"#include <stdio.h>
-#include <signal.h>
-#include <stdlib.h>
-#include <unistd.h>
-static void term(int sig) { (void)sig; _exit(143); }
-int main(void) {
-    signal(SIGTERM, term);
-    for (unsigned long i = 1;; i++) {
-        FILE *f = fopen("/count", "w");
-        if (f) { fprintf(f, "%lu\n", i); fclose(f); }
-        FILE *g = fopen("/data/log", "a");
-        if (g) { fprintf(g, "%lu\n", i); fclose(g); }
-        usleep(100000);
-    }
-}
-"#;
-
-/// An image with busybox and `/counter`, a dynamically linked C counter, with its libraries.
-fn dmtcp_counter_image() -> Result<TestImage> {
-    let dir = tempfile::tempdir()?;
-    let src = dir.path().join("counter.c");
-    let bin = dir.path().join("counter");
-    fs::write(&src, C_COUNTER)?;
-    let out = Command::new("gcc")
-        .args(["-O2", "-o"])
-        .arg(&bin)
-        .arg(&src)
-        .output()
-        .context("running gcc")?;
-    if !out.status.success() {
-        bail!("gcc: {}", stderr(&out));
-    }
-    let mut files = vec![ImageFile {
-        path: "counter".into(),
-        mode: 0o755,
-        contents: fs::read(&bin)?,
-    }];
-    let ldd = Command::new("ldd")
-        .arg(&bin)
-        .output()
-        .context("running ldd")?;
-    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
-        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
-        let path = match line.split_once("=>") {
-            Some((_, rest)) => rest.split_whitespace().next(),
-            None => line.split_whitespace().next(),
-        };
-        let Some(path) = path.filter(|p| p.starts_with('/')) else {
-            continue;
-        };
-        files.push(ImageFile {
-            path: path.trim_start_matches('/').to_string(),
-            mode: 0o755,
-            contents: fs::read(path).with_context(|| format!("reading {path}"))?,
-        });
-    }
-    if files.len() < 3 {
-        bail!(
-            "ldd found no libraries for the counter: {}",
-            String::from_utf8_lossy(&ldd.stdout)
-        );
-    }
-    TestImage::busybox_with_files(
-        "docker.io/library/mig-dmtcp-counter:test",
-        &["/counter"],
-        &files,
-    )
-}
-
 /// The store migration with DMTCP as the engine instead of CRIU.
 #[test]
 fn counter_migrates_with_dmtcp() {
@@ -1092,34 +998,11 @@ fn counter_migrates_with_dmtcp() {
     if !mig_runtime_under_test(test) {
         return;
     }
-    let Some(dmtcp) = find_dmtcp() else {
-        // Not a failure even with MIG_E2E_REQUIRED=1: DMTCP cannot be installed on a fresh
-        // machine by scripts/setup.sh.
-        mig_e2e::note_skip(
-            test,
-            "DMTCP is not installed (dmtcp_launch not on PATH, MIG_DMTCP_DIR unset)",
-        );
-        return;
+    let (dmtcp, hook) = match mig_e2e::dmtcp::prerequisites() {
+        Ok(found) => found,
+        Err(missing) => return missing.report(test),
     };
-    let hook = find_hook();
-    if !hook.is_file() {
-        Skip {
-            reason: format!(
-                "the static restore-hook {} is missing (RUSTFLAGS='-C target-feature=+crt-static' cargo build --release -p mig-restore-hook --target x86_64-unknown-linux-gnu, or set MIG_RESTORE_HOOK)",
-                hook.display()
-            ),
-        }
-        .report(test);
-        return;
-    }
-    if find_on_path("gcc").is_none() {
-        Skip {
-            reason: "`gcc` is not on PATH: it builds the dynamically linked counter".into(),
-        }
-        .report(test);
-        return;
-    }
-    let image = dmtcp_counter_image().unwrap_or_else(|e| panic!("{test}: {e:#}"));
+    let image = mig_e2e::dmtcp::counter_image().unwrap_or_else(|e| panic!("{test}: {e:#}"));
     let dmtcp_s = dmtcp.to_string_lossy().into_owned();
     let hook_s = hook.to_string_lossy().into_owned();
     let env = [
