@@ -24,8 +24,11 @@
 # the annotation mig.dev/engine=dmtcp (the container created again for the restore has it too:
 # a checkpoint is restored by the engine that made it). The floor runs the same binary on the
 # host with the restore-hook's DMTCP options (restore-hook/src/dmtcp.rs): a coordinator of its
-# own (--coord-port 0 --port-file, --ckptdir), `dmtcp_launch --join-coordinator --ckptdir
-# --no-gzip --ckpt-signal SIGRTMAX-2`, `dmtcp_restart --join-coordinator --ckptdir IMAGES`.
+# own (--ckptdir) on a listening socket made as the hook makes it (restore-hook/src/
+# supervisor.rs, start_coordinator: on 127.0.0.1, with TCP_NODELAY, inherited as fd 821; without
+# TCP_NODELAY DMTCP 4.2.0 waits 40 ms for a delayed ACK on most replies of its coordinator),
+# `dmtcp_launch --join-coordinator --ckptdir --no-gzip --ckpt-signal SIGRTMAX-2`,
+# `dmtcp_restart --join-coordinator --ckptdir IMAGES`.
 #   - Checkpoint: `dmtcp_command -kc` (checkpoint, then end the program) until the checkpoint
 #     is complete and the program gone. That command does not wait for the checkpoint in DMTCP
 #     4.2.0, so the floor waits as the hook does for `ctr task kill` (restore-hook/src/
@@ -221,8 +224,15 @@ dmtcp_floor_run() { # size -> "checkpoint_ms restore_ms"
     # The restore-hook's environment and options (restore-hook/src/dmtcp.rs).
     export DMTCP_TMPDIR="$d/tmp" MEMHOG_TICK="$d/tick"
     local -a join=(--join-coordinator --coord-host 127.0.0.1 --coord-port)
-    "$bin/dmtcp_coordinator" --coord-port 0 --port-file "$d/port.tmp" --ckptdir "$d/ckpt" -q \
-        </dev/null >"$d/coordinator.log" 2>&1 &
+    python3 -c '
+import os, socket, sys
+s = socket.socket()
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+s.bind(("127.0.0.1", 0))
+s.listen(128)
+os.dup2(s.fileno(), 821)
+os.execv(sys.argv[1], sys.argv[1:])' "$bin/dmtcp_coordinator" --port-file "$d/port.tmp" \
+        --ckptdir "$d/ckpt" -q </dev/null >"$d/coordinator.log" 2>&1 &
     coord=$!
     echo "$coord" >>"$d/pids"
     for _ in $(seq 200); do [ -s "$d/port.tmp" ] && break; sleep 0.05; done

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::io::{self, Read};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -64,13 +65,24 @@ impl Children {
     /// Spawns `cmd` with inherited fds >= 3 closed and records it as `role` before the
     /// supervisor can reap it.
     pub fn spawn(&self, cmd: &mut Command, role: Role) -> io::Result<Child> {
-        // SAFETY: only async-signal-safe calls. CLOSE_RANGE_CLOEXEC closes the fds at exec
-        // rather than now, so std's own exec-error pipe keeps working. DMTCP processes sharing
-        // an inherited pipe hang at restart ("Restart_Ns_Register_Data"). The signal mask is
-        // the supervisor's (everything it forwards is blocked); without the reset the
-        // application would inherit it, and DMTCP would even save it into the images.
+        self.spawn_passing(cmd, role, None)
+    }
+
+    /// [`Self::spawn`], passing `fd` on as the child's fd `target`, its only one >= 3.
+    pub fn spawn_passing(
+        &self,
+        cmd: &mut Command,
+        role: Role,
+        pass: Option<(BorrowedFd<'_>, RawFd)>,
+    ) -> io::Result<Child> {
+        let pass = pass.map(|(fd, target)| (fd.as_raw_fd(), target));
+        // SAFETY: only async-signal-safe calls, on open fds. CLOSE_RANGE_CLOEXEC closes the
+        // fds at exec rather than now, so std's own exec-error pipe keeps working. DMTCP
+        // processes sharing an inherited pipe hang at restart ("Restart_Ns_Register_Data").
+        // The signal mask is the supervisor's (everything it forwards is blocked); without the
+        // reset the application would inherit it, and DMTCP would even save it into the images.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 if libc::close_range(3, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC as i32) != 0 {
                     return Err(io::Error::last_os_error());
                 }
@@ -80,6 +92,17 @@ impl Children {
                     libc::pthread_sigmask(libc::SIG_SETMASK, empty.as_ptr(), std::ptr::null_mut());
                 if rc != 0 {
                     return Err(io::Error::from_raw_os_error(rc));
+                }
+                // `fd` is open in the child (`pass` borrowed it for the spawn). dup2's copy is
+                // not close-on-exec; `fd` itself, when it already is the target, is made so
+                // above and must be made inheritable again.
+                let passed = match pass {
+                    Some((fd, target)) if fd == target => libc::fcntl(fd, libc::F_SETFD, 0),
+                    Some((fd, target)) => libc::dup2(fd, target),
+                    None => 0,
+                };
+                if passed == -1 {
+                    return Err(io::Error::last_os_error());
                 }
                 Ok(())
             });
@@ -243,11 +266,29 @@ fn parent_in_stat(stat: &str) -> Option<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
 
     #[test]
     fn stat_parsing() {
         assert_eq!(parent_in_stat("42 (a) b) S 7 42 42 0"), Some(7));
         assert_eq!(parent_in_stat("garbage"), None);
+    }
+
+    #[test]
+    fn passes_one_fd_at_the_given_number() {
+        let children = Children::default();
+        let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
+        let other = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
+        let script = format!(
+            "test -S /proc/$$/fd/821 && test ! -e /proc/$$/fd/{}",
+            other.as_raw_fd()
+        );
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", &script]);
+        let mut child = children
+            .spawn_passing(&mut cmd, Role::Helper, Some((listener.as_fd(), 821)))
+            .unwrap();
+        assert!(child.wait().unwrap().success());
     }
 
     #[test]

@@ -105,8 +105,10 @@ pub struct Controller {
     pub children: Arc<Children>,
     pub ckpt_dir: PathBuf,
     pub coordinator_log: PathBuf,
-    pub dmtcp_version: String,
     pub mode: Mode,
+    /// DMTCP's version, once asked for: `dmtcp_launch --version` takes ~10 ms, which the
+    /// container's start need not wait for.
+    dmtcp_version: Mutex<Option<String>>,
     /// Held for the whole of a checkpoint: DMTCP runs one at a time.
     checkpointing: Mutex<()>,
     inflight: Mutex<Inflight>,
@@ -135,7 +137,6 @@ impl Controller {
         children: Arc<Children>,
         ckpt_dir: PathBuf,
         coordinator_log: PathBuf,
-        dmtcp_version: String,
         mode: Mode,
     ) -> Self {
         Self {
@@ -143,8 +144,8 @@ impl Controller {
             children,
             ckpt_dir,
             coordinator_log,
-            dmtcp_version,
             mode,
+            dmtcp_version: Mutex::new(None),
             checkpointing: Mutex::new(()),
             inflight: Mutex::new(Inflight::default()),
             idle: Condvar::new(),
@@ -240,7 +241,7 @@ impl Controller {
     fn answer(&self, req: Request) -> Result<Vec<String>, String> {
         match req {
             Request::Version => Ok(vec![
-                format!("dmtcp={}", self.dmtcp_version),
+                format!("dmtcp={}", self.dmtcp_version()?),
                 format!("hook={}", env!("CARGO_PKG_VERSION")),
             ]),
             Request::Status => {
@@ -255,7 +256,10 @@ impl Controller {
                 Ok(vec![
                     format!("state={state}"),
                     format!("mode={}", self.mode.as_str()),
-                    format!("dmtcp={}", self.dmtcp_version),
+                    format!(
+                        "dmtcp={}",
+                        self.dmtcp_version().unwrap_or_else(|_| "unknown".into())
+                    ),
                     format!("peers={peers}"),
                     format!("port={}", self.dmtcp.port),
                 ])
@@ -298,6 +302,30 @@ impl Controller {
                 })
             }
         }
+    }
+
+    /// DMTCP's version, from `dmtcp_launch --version` the first time.
+    fn dmtcp_version(&self) -> Result<String, String> {
+        let mut known = self.dmtcp_version.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(v) = &*known {
+            return Ok(v.clone());
+        }
+        let mut cmd = self.dmtcp.version_command();
+        let command = format!("{cmd:?}");
+        let out = self
+            .children
+            .run_helper(&mut cmd)
+            .map_err(|e| format!("running {command}: {e}"))?;
+        let mut text = out.stdout;
+        text.extend_from_slice(&out.stderr);
+        let version = dmtcp::parse_version(&String::from_utf8_lossy(&text)).ok_or_else(|| {
+            format!(
+                "cannot tell DMTCP's version from {command}: {}",
+                dmtcp::tail(&text, 5)
+            )
+        })?;
+        *known = Some(version.clone());
+        Ok(version)
     }
 
     fn run(&self, cmd: std::process::Command) -> Result<Output, CheckpointError> {

@@ -1,13 +1,19 @@
 //! The DMTCP command lines the hook runs, and what their output means.
 
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use crate::config::Config;
 
 /// The coordinator is always reached over the container's own loopback.
 pub const COORD_HOST: &str = "127.0.0.1";
+
+/// The fd at which `dmtcp_coordinator` takes over a listening socket it inherits instead of
+/// making its own (DMTCP's `PROTECTED_COORD_FD`, `PROTECTED_FD_START + 1` in
+/// `include/protectedfds.h`): how `dmtcp_launch` starts a coordinator on a port it already
+/// knows.
+pub const PROTECTED_COORD_FD: i32 = 821;
 
 /// The node's DMTCP, seen from inside the container, and how to run its programs.
 #[derive(Debug, Clone)]
@@ -52,14 +58,13 @@ impl Dmtcp {
         cmd
     }
 
-    /// The coordinator, in the foreground so the hook supervises it; it writes its port to
-    /// `port_file` once it listens.
-    pub fn coordinator(&self, port_file: &Path) -> Command {
+    /// The coordinator, in the foreground so the hook supervises it. It must inherit its
+    /// listening socket, on [`Self::port`], as fd [`PROTECTED_COORD_FD`] (the port argument
+    /// only names it then).
+    pub fn coordinator(&self) -> Command {
         let mut cmd = self.command("dmtcp_coordinator");
         cmd.arg("--coord-port")
             .arg(self.port.to_string())
-            .arg("--port-file")
-            .arg(port_file)
             .arg("--ckptdir")
             .arg(&self.ckpt_dir)
             .arg("-q");

@@ -24,12 +24,13 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use oci_spec::runtime::{Mount, Spec};
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
@@ -50,6 +51,9 @@ pub mod container_path {
     pub const CTL: &str = "/.mig/ctl";
 }
 
+/// The file in the node's state dir that remembers its DMTCP installation (see
+/// [`DmtcpInstall::discover_staged`]).
+pub const INSTALL_CACHE: &str = "dmtcp-install.json";
 /// The control socket's name inside [`InjectDirs::ctl`].
 pub const CTL_SOCKET: &str = "ctl.sock";
 /// The coordinator port for containers with their own network namespace. With host
@@ -146,7 +150,7 @@ fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Dmt
 }
 
 /// The node's DMTCP installation.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DmtcpInstall {
     /// The installation root (holds `bin/` and `lib/dmtcp/`).
     pub dir: PathBuf,
@@ -165,31 +169,37 @@ impl DmtcpInstall {
     ///
     /// Blocking (it runs `dmtcp_launch --version` and `ldd`): call it once at start-up.
     pub fn discover(configured_dir: Option<&Path>) -> Result<Self> {
-        let dir = match configured_dir
-            .map(Path::to_path_buf)
-            .or_else(|| std::env::var_os("MIG_DMTCP_DIR").map(PathBuf::from))
+        Self::discover_in(install_dir(configured_dir)?)
+    }
+
+    /// [`Self::discover`], then [`Self::stage_deps`] into `deps_dir`, remembered in the file
+    /// `cache` for as long as the installation's programs and libraries (size, mtime) and the
+    /// boot are the same: every container's shim needs the installation at create, and
+    /// discovering it runs `ldd` on each of DMTCP's objects (~200 ms of each DMTCP container's
+    /// create and start, measured here), so only the first shim of a boot does.
+    ///
+    /// Blocking, as [`Self::discover`].
+    pub fn discover_staged(
+        configured_dir: Option<&Path>,
+        deps_dir: &Path,
+        cache: &Path,
+    ) -> Result<Self> {
+        let dir = install_dir(configured_dir)?;
+        let key = CacheKey::of(&dir);
+        if let Some(install) = key
+            .as_ref()
+            .and_then(|k| read_install_cache(cache, k, deps_dir))
         {
-            Some(d) => d,
-            None => {
-                let launch = std::env::var_os("PATH")
-                    .and_then(|p| {
-                        std::env::split_paths(&p)
-                            .map(|d| d.join("dmtcp_launch"))
-                            .find(|p| p.is_file())
-                    })
-                    .ok_or_else(|| DmtcpError::NotFound {
-                        searched: "no dmtcp_launch on PATH".into(),
-                    })?;
-                let launch = fs::canonicalize(&launch).map_err(io_err("resolving", &launch))?;
-                launch
-                    .parent()
-                    .and_then(Path::parent)
-                    .map(Path::to_path_buf)
-                    .ok_or_else(|| DmtcpError::NotFound {
-                        searched: format!("{} has no install root", launch.display()),
-                    })?
-            }
-        };
+            return Ok(install);
+        }
+        let install = Self::discover_in(dir)?.stage_deps(deps_dir)?;
+        if let Some(key) = key {
+            write_install_cache(cache, key, &install);
+        }
+        Ok(install)
+    }
+
+    fn discover_in(dir: PathBuf) -> Result<Self> {
         if !dir.is_dir() {
             return Err(DmtcpError::NotFound {
                 searched: format!("{} is not a directory", dir.display()),
@@ -226,6 +236,105 @@ impl DmtcpInstall {
         }
         self.deps_dir = Some(dir.to_path_buf());
         Ok(self)
+    }
+}
+
+/// The installation root: `configured_dir`, else `$MIG_DMTCP_DIR`, else that of the
+/// `dmtcp_launch` on `PATH`.
+fn install_dir(configured_dir: Option<&Path>) -> Result<PathBuf> {
+    if let Some(dir) = configured_dir
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os("MIG_DMTCP_DIR").map(PathBuf::from))
+    {
+        return Ok(dir);
+    }
+    let launch = std::env::var_os("PATH")
+        .and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("dmtcp_launch"))
+                .find(|p| p.is_file())
+        })
+        .ok_or_else(|| DmtcpError::NotFound {
+            searched: "no dmtcp_launch on PATH".into(),
+        })?;
+    let launch = fs::canonicalize(&launch).map_err(io_err("resolving", &launch))?;
+    launch
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .ok_or_else(|| DmtcpError::NotFound {
+            searched: format!("{} has no install root", launch.display()),
+        })
+}
+
+/// What a cached [`DmtcpInstall`] was discovered from: the installation's dir, the size and
+/// mtime of each of its [`REQUIRED`] files, and the boot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct CacheKey {
+    dir: PathBuf,
+    stamps: Vec<(u64, i128)>,
+    boot_id: String,
+}
+
+impl CacheKey {
+    /// `None` when a required file is missing (discovery then says which) or the boot is
+    /// unknown.
+    fn of(dir: &Path) -> Option<Self> {
+        let stamps = REQUIRED
+            .iter()
+            .map(|r| {
+                let m = fs::metadata(dir.join(r)).ok()?;
+                Some((
+                    m.size(),
+                    i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+                ))
+            })
+            .collect::<Option<Vec<_>>>()?;
+        let boot_id = fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+        let boot_id = boot_id.trim();
+        (!boot_id.is_empty()).then(|| Self {
+            dir: dir.to_path_buf(),
+            stamps,
+            boot_id: boot_id.to_owned(),
+        })
+    }
+}
+
+/// A discovered and staged installation as cached on disk.
+#[derive(Debug, Serialize, Deserialize)]
+struct CachedInstall {
+    key: CacheKey,
+    install: DmtcpInstall,
+}
+
+/// The cached installation, if it was discovered from `key` and staged into `deps_dir`, whose
+/// copies are all still there.
+fn read_install_cache(cache: &Path, key: &CacheKey, deps_dir: &Path) -> Option<DmtcpInstall> {
+    let cached: CachedInstall = serde_json::from_slice(&fs::read(cache).ok()?).ok()?;
+    let staged = cached.install.deps_dir.as_deref() == Some(deps_dir)
+        && cached.install.deps.iter().all(|d| {
+            d.file_name()
+                .is_some_and(|name| deps_dir.join(name).is_file())
+        });
+    (cached.key == *key && staged).then_some(cached.install)
+}
+
+/// Best effort: a cache that cannot be written means discovering again next time.
+fn write_install_cache(cache: &Path, key: CacheKey, install: &DmtcpInstall) {
+    let write = || -> std::io::Result<()> {
+        if let Some(dir) = cache.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        let tmp = cache.with_extension(format!("tmp-{}", std::process::id()));
+        let cached = CachedInstall {
+            key,
+            install: install.clone(),
+        };
+        fs::write(&tmp, serde_json::to_vec(&cached)?)?;
+        fs::rename(&tmp, cache)
+    };
+    if let Err(e) = write() {
+        tracing::warn!(path = %cache.display(), error = %e, "cache the DMTCP installation");
     }
 }
 
@@ -1004,6 +1113,46 @@ mod tests {
     }
 
     #[test]
+    fn install_cache_holds_while_the_install_and_its_staged_deps_do() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("dmtcp");
+        for r in REQUIRED {
+            put(&dir, r, b"x", 0o755);
+        }
+        let deps = t.path().join("deps");
+        put(&deps, "libatomic.so.1", b"lib", 0o644);
+        let cache = t.path().join(INSTALL_CACHE);
+        let install = DmtcpInstall {
+            dir: dir.clone(),
+            version: "4.2.0".into(),
+            deps: vec!["/lib/x86_64-linux-gnu/libatomic.so.1".into()],
+            deps_dir: Some(deps.clone()),
+        };
+        let Some(key) = CacheKey::of(&dir) else {
+            println!("skipped: no boot id");
+            return;
+        };
+        assert_eq!(read_install_cache(&cache, &key, &deps), None);
+        write_install_cache(&cache, key.clone(), &install);
+        assert_eq!(read_install_cache(&cache, &key, &deps), Some(install));
+        // Staged elsewhere, or a staged copy gone: discover again.
+        assert_eq!(
+            read_install_cache(&cache, &key, &t.path().join("other")),
+            None
+        );
+        fs::remove_file(deps.join("libatomic.so.1")).unwrap();
+        assert_eq!(read_install_cache(&cache, &key, &deps), None);
+        put(&deps, "libatomic.so.1", b"lib", 0o644);
+        // DMTCP installed again (another size), or a file of it missing.
+        put(&dir, "bin/dmtcp_launch", b"xy", 0o755);
+        let changed = CacheKey::of(&dir).unwrap();
+        assert_ne!(changed, key);
+        assert_eq!(read_install_cache(&cache, &changed, &deps), None);
+        fs::remove_file(dir.join("bin/dmtcp_restart")).unwrap();
+        assert_eq!(CacheKey::of(&dir), None);
+    }
+
+    #[test]
     fn discover_real_install_when_present() {
         match DmtcpInstall::discover(None) {
             Ok(install) => {
@@ -1013,6 +1162,15 @@ mod tests {
                 let install = install.stage_deps(staged.path()).unwrap();
                 assert!(staged.path().join("libatomic.so.1").is_file());
                 assert_eq!(install.deps_dir.as_deref(), Some(staged.path()));
+
+                // Discovered and staged once, then read from the cache.
+                let state = tempfile::tempdir().unwrap();
+                let (deps, cache) = (state.path().join("deps"), state.path().join(INSTALL_CACHE));
+                let first = DmtcpInstall::discover_staged(None, &deps, &cache).unwrap();
+                assert_eq!(first.deps_dir.as_deref(), Some(deps.as_path()));
+                assert!(cache.is_file());
+                let again = DmtcpInstall::discover_staged(None, &deps, &cache).unwrap();
+                assert_eq!(again, first);
             }
             Err(e) => println!("skipped: {e}"),
         }

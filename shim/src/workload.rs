@@ -119,11 +119,12 @@ static DMTCP: OnceCell<DmtcpInstall> = OnceCell::const_new();
 async fn dmtcp_install(node: &NodeConfig) -> Result<DmtcpInstall> {
     let dir = node.dmtcp_dir.clone();
     let deps = node.state_dir.join("dmtcp-deps");
+    let cache = node.state_dir.join(dmtcp::INSTALL_CACHE);
     DMTCP
         .get_or_try_init(|| async move {
             tokio::task::spawn_blocking(move || {
                 dmtcp::set_command_runner(crate::runc::output_through_reaper);
-                DmtcpInstall::discover(dir.as_deref()).and_then(|i| i.stage_deps(&deps))
+                DmtcpInstall::discover_staged(dir.as_deref(), &deps, &cache)
             })
             .await
             .map_err(|e| Error::Other(format!("DMTCP discovery: {e}")))?
