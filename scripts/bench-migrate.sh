@@ -35,8 +35,11 @@
 #               (the record's bytesSentWhileCheckpointing / checkpointBytes).
 #   floor       by hand on the same binary and memory size, no containerd, no agents: `runc
 #               checkpoint` to disk + `cp -r` of the images dir + `runc restore` from the
-#               copy, and their sum. A migration that moves the checkpoint between nodes cannot
-#               really beat this on one machine.
+#               copy, and their sum, with runc's and CRIU's defaults. The shim differs in one
+#               setting: CRIU locks the network with nftables where it can (CriuNetworkLock
+#               auto), not with the iptables programs, which takes ~40 ms off the restore and
+#               some off the dump at 16 MiB; MIG_CRIU_NETWORK_LOCK=iptables in this script's
+#               environment (it reaches the shims) makes the migration like for like.
 #   MiB/s       xfer: checkpoint bytes (uncompressed) / (ckpt + xfer), the stream's whole
 #               life, as it overlaps the dump: a lower bound of its throughput; zstd: `zstd -1 -T1`
 #               over the floor checkpoint's pages-*.img (the same kind of bytes), from page
