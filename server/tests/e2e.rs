@@ -478,6 +478,25 @@ impl Cluster {
         }
     }
 
+    /// Runs `args` from `image` on node01 with our runtime, no IO, as the container `counter`
+    /// of the workload `counter` (the label `POST /migrate` resolves a deployment by).
+    fn run_counter(&self, image: &TestImage, args: &[&str]) {
+        let label = format!("{WORKLOAD_LABEL}=counter");
+        let mut cmd = vec![
+            "run",
+            "-d",
+            "--null-io",
+            "--runtime",
+            MIG_RUNTIME,
+            "--label",
+            &label,
+            &image.name,
+            "counter",
+        ];
+        cmd.extend_from_slice(args);
+        self.a.ctr_ok(&cmd).expect("run counter");
+    }
+
     /// Kills node02's agent and starts a new one; its log goes to `log` in the work dir.
     fn restart_agent_b(&mut self, log: &str) {
         self.agent_b.kill();
@@ -506,21 +525,14 @@ fn migrate_between_two_nodes_with_faults() {
     }
     let image = TestImage::busybox().expect("image");
     let mut c = Cluster::start(&[], &image);
-    c.a.ctr_ok(&[
-        "run",
-        "-d",
-        "--null-io",
-        "--runtime",
-        MIG_RUNTIME,
-        "--label",
-        &format!("{WORKLOAD_LABEL}=counter"),
-        &image.name,
-        "counter",
-        "sh",
-        "-c",
-        "i=0; while :; do i=$((i+1)); echo $i > /count; sleep 0.1; done",
-    ])
-    .expect("run counter");
+    c.run_counter(
+        &image,
+        &[
+            "sh",
+            "-c",
+            "i=0; while :; do i=$((i+1)); echo $i > /count; sleep 0.1; done",
+        ],
+    );
 
     // Bad requests change nothing.
     let migrate =
@@ -697,19 +709,7 @@ fn dmtcp_workload_migrates_through_the_server() {
         ],
         &image,
     );
-    c.a.ctr_ok(&[
-        "run",
-        "-d",
-        "--null-io",
-        "--runtime",
-        MIG_RUNTIME,
-        "--label",
-        &format!("{WORKLOAD_LABEL}=counter"),
-        &image.name,
-        "counter",
-        "/counter",
-    ])
-    .expect("run counter under DMTCP");
+    c.run_counter(&image, &["/counter"]);
     let deadline = Instant::now() + Duration::from_secs(30);
     let before = loop {
         let n = count(&c.a, "counter");
