@@ -70,5 +70,6 @@ pub use manifest::{
     UPPER_LAYER_FILE, VOLUMES_DIR, sha256_file, validate_relative_path,
 };
 pub use name::SafeName;
+pub use stamp::{boot_id, mtime_ns};
 pub use store::Store;
 pub use writer::CheckpointWriter;

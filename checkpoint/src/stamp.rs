@@ -73,14 +73,19 @@ impl FileStamp {
             size: meta.len(),
             dev: meta.dev(),
             ino: meta.ino(),
-            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            mtime_ns: mtime_ns(&meta),
             ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
         })
     }
 }
 
+/// A file's modification time in nanoseconds since the epoch.
+pub fn mtime_ns(meta: &fs::Metadata) -> i128 {
+    i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec())
+}
+
 /// The current boot's id; `None` where the kernel does not say (then no stamp is trusted).
-fn boot_id() -> Option<String> {
+pub fn boot_id() -> Option<String> {
     let id = fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
     let id = id.trim();
     (!id.is_empty()).then(|| id.to_owned())

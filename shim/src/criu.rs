@@ -23,6 +23,7 @@ use tokio::sync::OnceCell;
 
 use crate::{
     error::{Error, Result},
+    node_cache,
     runc::run_watched,
 };
 
@@ -120,15 +121,17 @@ type Key = (PathBuf, u64, i128, String);
 fn cache_key(binary: &Path) -> Result<Key> {
     let meta =
         std::fs::metadata(binary).map_err(Error::io(format!("stat {}", binary.display())))?;
-    let mtime_ns = i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec());
-    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default();
-    Ok((binary.to_path_buf(), meta.size(), mtime_ns, boot_id))
+    let boot_id = mig_checkpoint::boot_id().unwrap_or_default();
+    Ok((
+        binary.to_path_buf(),
+        meta.size(),
+        mig_checkpoint::mtime_ns(&meta),
+        boot_id,
+    ))
 }
 
 fn read_cache(path: &Path, key: &Key) -> Option<Facts> {
-    let cached: Cached = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    let cached: Cached = node_cache::read(path)?;
     let (binary, size, mtime_ns, boot_id) = key;
     (cached.binary == *binary
         && cached.size == *size
@@ -140,17 +143,7 @@ fn read_cache(path: &Path, key: &Key) -> Option<Facts> {
 
 /// Best effort: a cache that cannot be written is probed again next time.
 fn write_cache(path: &Path, cached: &Cached) {
-    let write = || -> std::io::Result<()> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-        std::fs::write(&tmp, serde_json::to_vec(cached)?)?;
-        std::fs::rename(&tmp, path)
-    };
-    if let Err(e) = write() {
-        tracing::warn!(path = %path.display(), error = %e, "cache CRIU's facts");
-    }
+    node_cache::write(path, cached, "CRIU's facts");
 }
 
 async fn probe() -> Result<Facts> {

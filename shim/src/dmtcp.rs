@@ -284,18 +284,13 @@ impl CacheKey {
             .iter()
             .map(|r| {
                 let m = fs::metadata(dir.join(r)).ok()?;
-                Some((
-                    m.size(),
-                    i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
-                ))
+                Some((m.size(), mig_checkpoint::mtime_ns(&m)))
             })
             .collect::<Option<Vec<_>>>()?;
-        let boot_id = fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
-        let boot_id = boot_id.trim();
-        (!boot_id.is_empty()).then(|| Self {
+        Some(Self {
             dir: dir.to_path_buf(),
             stamps,
-            boot_id: boot_id.to_owned(),
+            boot_id: mig_checkpoint::boot_id()?,
         })
     }
 }
@@ -310,7 +305,7 @@ struct CachedInstall {
 /// The cached installation, if it was discovered from `key` and staged into `deps_dir`, whose
 /// copies are all still there.
 fn read_install_cache(cache: &Path, key: &CacheKey, deps_dir: &Path) -> Option<DmtcpInstall> {
-    let cached: CachedInstall = serde_json::from_slice(&fs::read(cache).ok()?).ok()?;
+    let cached: CachedInstall = crate::node_cache::read(cache)?;
     let staged = cached.install.deps_dir.as_deref() == Some(deps_dir)
         && cached.install.deps.iter().all(|d| {
             d.file_name()
@@ -321,21 +316,11 @@ fn read_install_cache(cache: &Path, key: &CacheKey, deps_dir: &Path) -> Option<D
 
 /// Best effort: a cache that cannot be written means discovering again next time.
 fn write_install_cache(cache: &Path, key: CacheKey, install: &DmtcpInstall) {
-    let write = || -> std::io::Result<()> {
-        if let Some(dir) = cache.parent() {
-            fs::create_dir_all(dir)?;
-        }
-        let tmp = cache.with_extension(format!("tmp-{}", std::process::id()));
-        let cached = CachedInstall {
-            key,
-            install: install.clone(),
-        };
-        fs::write(&tmp, serde_json::to_vec(&cached)?)?;
-        fs::rename(&tmp, cache)
+    let cached = CachedInstall {
+        key,
+        install: install.clone(),
     };
-    if let Err(e) = write() {
-        tracing::warn!(path = %cache.display(), error = %e, "cache the DMTCP installation");
-    }
+    crate::node_cache::write(cache, &cached, "the DMTCP installation");
 }
 
 /// How [`DmtcpInstall::discover`] runs `dmtcp_launch --version` and `ldd`. Inside the shim's

@@ -12,6 +12,7 @@ pub mod error;
 pub mod events;
 pub mod io;
 pub mod node;
+pub mod node_cache;
 pub mod options;
 pub mod overlay;
 pub mod process;
