@@ -34,7 +34,7 @@ use crate::containerd::{
     ContainerInfo, Containerd, ContainerdError, POD_LABEL, TaskStatus, WORKLOAD_LABEL,
 };
 use crate::migration::Target;
-use crate::protocol::{ActionReport, CheckpointSummary};
+use crate::protocol::{ActionReport, CheckpointSummary, ContainerState};
 
 /// What a node agent operation failed on; the HTTP layer maps it to a status code.
 #[derive(Debug, thiserror::Error)]
@@ -281,6 +281,38 @@ impl NodeAgent {
             .lock()
             .expect("live map poisoned")
             .retain(|(m, _), _| m != migration);
+    }
+
+    /// Whether each container exists here and what its task is doing: how a controller that
+    /// restarted mid-migration learns whether the destination already runs the workload.
+    pub async fn status(
+        &self,
+        namespace: &str,
+        containers: &[String],
+    ) -> Result<Vec<ContainerState>, AgentError> {
+        let ns = safe("namespace", namespace)?;
+        let mut states = Vec::new();
+        for id in containers {
+            let id = safe("container id", id)?;
+            let exists = match self.containerd.info(ns.as_str(), id.as_str()).await {
+                Ok(_) => true,
+                Err(ContainerdError::NotFound { .. }) => false,
+                Err(e) => return Err(e.into()),
+            };
+            let task = if exists {
+                self.containerd
+                    .task_status(ns.as_str(), id.as_str())
+                    .await?
+            } else {
+                None
+            };
+            states.push(ContainerState {
+                container: id.to_string(),
+                exists,
+                task,
+            });
+        }
+        Ok(states)
     }
 
     /// The records of containers to migrate (origin side), which the destination creates its
@@ -608,7 +640,8 @@ impl NodeAgent {
 
     /// Creates (unless [`NodeAgent::prepare`] did) and starts every container received for
     /// `migration` with our runtime (the shim restores each from its pending checkpoint) and
-    /// waits until all run.
+    /// waits until all run. A task already running is left as it is: a controller that
+    /// restarted asks again to complete a restore that its predecessor began.
     pub async fn restore(&self, migration: &str) -> Result<ActionReport, AgentError> {
         let migration = safe("migration id", migration)?;
         let received = self.received(&migration)?;
@@ -623,8 +656,14 @@ impl NodeAgent {
             let ns = safe("namespace", &info.namespace)?;
             let id = safe("container id", &info.id)?;
             self.ensure_created(&info, &created_marker).await?;
-            info!(container_id = %id, migration = %migration, "starting restored container");
-            self.containerd.start_task(ns.as_str(), id.as_str()).await?;
+            let status = self
+                .containerd
+                .task_status(ns.as_str(), id.as_str())
+                .await?;
+            if status != Some(TaskStatus::Running) {
+                info!(container_id = %id, migration = %migration, "starting restored container");
+                self.containerd.start_task(ns.as_str(), id.as_str()).await?;
+            }
             self.wait_for(&ns, &id, "run after restore", |s| {
                 s == Some(TaskStatus::Running)
             })
@@ -688,6 +727,7 @@ impl NodeAgent {
             let id = safe("container id", id)?;
             let identity = Self::identity(&ns, &id)?;
             remove_if_exists(&self.mark_path(&identity.safe_key()));
+            self.wait_checkpoint_written(&identity, &id).await?;
             if self.store.pending(&identity)?.is_some() {
                 // Checkpointed, so its processes are gone: wait until containerd has noted
                 // the exit, lest a task still shown running be taken for one never stopped.
@@ -765,6 +805,53 @@ impl NodeAgent {
         Ok(report)
     }
 
+    /// Waits while the shim still writes a checkpoint of `identity`: the kill of a checkpoint
+    /// goes on when its caller gave up (the controller timed out, or restarted, and with it
+    /// this agent). A rollback that looked before it ends would find the task running, leave
+    /// it, and then see the checkpoint stop it. A writer is live while its temp directory
+    /// exists and its process does; after the wait timeout the rollback goes on regardless.
+    async fn wait_checkpoint_written(
+        &self,
+        identity: &WorkloadIdentity,
+        id: &SafeName,
+    ) -> Result<(), AgentError> {
+        let start = Instant::now();
+        while let Some(dir) = self.live_checkpoint_writer(identity) {
+            if start.elapsed() > self.config.wait_timeout {
+                warn!(container_id = %id, dir = %dir.display(), "a checkpoint is still being written; rolling back regardless");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    /// The temp directory of a checkpoint of `identity` that another live process (the shim)
+    /// is writing, if any. The store names them `.tmp-<key>-<pid>-<nanos>-<n>`; a dead
+    /// writer's is a leftover, and this process writes only what it receives.
+    fn live_checkpoint_writer(&self, identity: &WorkloadIdentity) -> Option<PathBuf> {
+        let prefix = format!(".tmp-{}-", identity.safe_key());
+        let entries = fs::read_dir(self.store.root()).ok()?;
+        entries.flatten().map(|e| e.path()).find(|dir| {
+            let Some(rest) = dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_prefix(&prefix))
+            else {
+                return false;
+            };
+            // Exactly `<pid>-<nanos>-<n>`: not a key that merely starts with this one.
+            let parts: Vec<&str> = rest.split('-').collect();
+            parts.len() == 3
+                && parts
+                    .iter()
+                    .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+                && writer_pid(dir).is_some_and(|pid| {
+                    pid != std::process::id() && Path::new(&format!("/proc/{pid}")).exists()
+                })
+        })
+    }
+
     /// Waits until containerd has noted that a checkpointed container's task stopped.
     async fn wait_stopped(&self, ns: &SafeName, id: &SafeName) -> Result<(), AgentError> {
         self.wait_for(ns, id, "stop after its checkpoint", |s| {
@@ -813,7 +900,7 @@ fn remove_orphaned_receives(store: &Store) {
         let Some(name) = name.to_str().filter(|n| n.starts_with(".tmp-")) else {
             continue;
         };
-        let Some(pid) = name.rsplit('-').nth(2).and_then(|p| p.parse::<u32>().ok()) else {
+        let Some(pid) = writer_pid(&entry.path()) else {
             continue;
         };
         if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
@@ -821,6 +908,11 @@ fn remove_orphaned_receives(store: &Store) {
             remove_dir_if_exists(&entry.path());
         }
     }
+}
+
+/// The pid in a store temp directory's name, `.tmp-<key>-<pid>-<nanos>-<n>`.
+fn writer_pid(dir: &Path) -> Option<u32> {
+    dir.file_name()?.to_str()?.rsplit('-').nth(2)?.parse().ok()
 }
 
 fn private_dir(dir: &Path) -> Result<(), AgentError> {

@@ -43,6 +43,7 @@ pub fn router(state: AgentState) -> Router {
         .route("/agent/v1/abort", post(abort))
         .route("/agent/v1/rollback", post(rollback))
         .route("/agent/v1/finish", post(finish))
+        .route("/agent/v1/status", post(status))
         .layer(middleware::from_fn_with_state(token, require_token))
         .with_state(state)
 }
@@ -138,4 +139,9 @@ async fn finish(State(s): State<AgentState>, body: Bytes) -> Result<impl IntoRes
             .finish(&req.migration, &req.namespace, &req.containers)
             .await?,
     ))
+}
+
+async fn status(State(s): State<AgentState>, body: Bytes) -> Result<impl IntoResponse, ApiError> {
+    let req: ContainersRequest = parse_json(&body, CONTAINERS)?;
+    Ok(Json(s.agent.status(&req.namespace, &req.containers).await?))
 }

@@ -25,6 +25,9 @@ impl From<ControllerError> for ApiError {
             ControllerError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, m),
             ControllerError::Node(e) => ApiError::new(StatusCode::BAD_GATEWAY, e.to_string()),
             ControllerError::Kube(e) => ApiError::new(StatusCode::BAD_GATEWAY, e.to_string()),
+            e @ ControllerError::Journal(_) => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+            }
         }
     }
 }

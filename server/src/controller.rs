@@ -4,6 +4,10 @@
 //! deleted after the destination reports them running, and every failure after the origin
 //! stopped ends with the destination cleaned (abort) and the origin restored from its own
 //! checkpoint (rollback).
+//!
+//! With a [`Journal`] every record is written to disk before each step that stops or moves the
+//! workload, so that a controller that restarts mid-migration resolves it
+//! ([`crate::recovery`]); a step whose record cannot be written is not taken.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,6 +18,7 @@ use mig_checkpoint::SafeName;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
+use crate::journal::{Journal, JournalError, KEEP_TERMINAL, past_history_cap};
 use crate::kube::KubeApi;
 use crate::kube::migrate::KubeSettings;
 use crate::migration::{Migration, Phase, Target};
@@ -62,6 +67,9 @@ pub enum ControllerError {
     /// The Kubernetes API failed while checking the request (502).
     #[error(transparent)]
     Kube(#[from] crate::kube::KubeError),
+    /// The migration could not be journaled, so it was not started (500).
+    #[error("{0}; the migration was not started")]
+    Journal(#[from] JournalError),
 }
 
 fn bad(message: impl Into<String>, expected: impl Into<String>) -> ControllerError {
@@ -98,6 +106,11 @@ pub struct Controller {
     counter: AtomicU64,
     /// Kubernetes mode: deployments are resolved and moved through the API server.
     kube: Option<KubeSettings>,
+    /// Where records and nodes are made durable; `None` keeps them in memory only.
+    pub(crate) journal: Option<Journal>,
+    /// Migrations found unfinished in the journal at start, which
+    /// [`Controller::resume_interrupted`] resolves.
+    pub(crate) interrupted: Mutex<Vec<String>>,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -116,7 +129,49 @@ impl Controller {
             active: Mutex::default(),
             counter: AtomicU64::new(0),
             kube: None,
+            journal: None,
+            interrupted: Mutex::default(),
         }
+    }
+
+    /// Keeps records and node registrations in `journal`, starting from what it holds: the
+    /// registered nodes, the migration history, and the migrations left unfinished by the
+    /// previous controller, whose workloads stay claimed (a second migration of one is a 409)
+    /// until [`Controller::resume_interrupted`] has resolved them.
+    pub fn with_journal(mut self, journal: Journal) -> Self {
+        let loaded = journal.load();
+        // Not shared yet: no locking.
+        let registry = self.registry.get_mut().unwrap_or_else(|p| p.into_inner());
+        for node in loaded.nodes {
+            match SafeName::new(node.name.as_str()) {
+                Ok(_) => registry.restore_node(node),
+                Err(e) => warn!(node = %node.name, error = %e, "skipping a journaled node"),
+            }
+        }
+        let migrations = self.migrations.get_mut().unwrap_or_else(|p| p.into_inner());
+        let active = self.active.get_mut().unwrap_or_else(|p| p.into_inner());
+        let interrupted = self
+            .interrupted
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner());
+        for mut m in loaded.migrations {
+            if !m.phase.is_terminal() {
+                m.resume_clock();
+                let key = (m.namespace.clone(), m.target.clone());
+                if let Some(other) = active.insert(key, m.id.clone()) {
+                    warn!(migration = %m.id, %other, "two unfinished migrations of one workload in the journal");
+                }
+                interrupted.push(m.id.clone());
+            }
+            migrations.insert(m.id.clone(), m);
+        }
+        let gone = past_history_cap(&migrations.values().collect::<Vec<_>>(), KEEP_TERMINAL);
+        for id in &gone {
+            migrations.remove(id);
+        }
+        journal.remove(&gone);
+        self.journal = Some(journal);
+        self
     }
 
     /// Kubernetes mode: `deployment` migrations go through `api` (see [`crate::kube`]),
@@ -136,8 +191,23 @@ impl Controller {
         })?;
         let address = normalise_address(address, &self.config.default_scheme)
             .map_err(|e| bad(e.to_string(), "http://host:port or host:port"))?;
-        info!(node = %name, %address, "node registered");
-        Ok(lock(&self.registry).register_node(&name, address))
+        let (new, changed) = {
+            let mut registry = lock(&self.registry);
+            let changed = registry.node(name.as_str()).map(|n| &n.address) != Some(&address);
+            (registry.register_node(&name, address.clone()), changed)
+        };
+        if changed {
+            info!(node = %name, %address, "node registered");
+            // Re-registrations that change nothing are not written: agents repeat them.
+            if let Some(journal) = &self.journal
+                && let Err(e) = journal.save_nodes(|| self.nodes())
+            {
+                warn!(error = %e, "cannot journal the node registry; a restarted controller waits for agents to register again");
+            }
+        } else {
+            tracing::debug!(node = %name, "node registered again");
+        }
+        Ok(new)
     }
 
     /// Registers a pod (original design); returns whether it is new.
@@ -269,7 +339,7 @@ impl Controller {
             dest.name.clone(),
         );
         record.containers = containers;
-        lock(&self.migrations).insert(id.clone(), record.clone());
+        self.accept(&key, &record)?;
         info!(migration = %id, origin = %origin.name, dest = %dest.name, "migration accepted");
         let this = Arc::clone(self);
         tokio::spawn(async move {
@@ -299,8 +369,71 @@ impl Controller {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis())
             .unwrap_or_default();
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        format!("mig-{ms}-{n}")
+        // The counter starts again at 0 with each process: an id the journal already has
+        // (a clock set back) is skipped.
+        let migrations = lock(&self.migrations);
+        loop {
+            let n = self.counter.fetch_add(1, Ordering::Relaxed);
+            let id = format!("mig-{ms}-{n}");
+            if !migrations.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// Records a new migration (journal first): from here on it is the background task's.
+    pub(crate) fn accept(
+        &self,
+        key: &(String, Target),
+        record: &Migration,
+    ) -> Result<(), ControllerError> {
+        if let Some(journal) = &self.journal
+            && let Err(e) = journal.save(record)
+        {
+            lock(&self.active).remove(key);
+            return Err(e.into());
+        }
+        lock(&self.migrations).insert(record.id.clone(), record.clone());
+        Ok(())
+    }
+
+    /// Writes the record of `id` to the journal, if there is one.
+    pub(crate) fn persist(&self, id: &str) -> Result<(), JournalError> {
+        match &self.journal {
+            Some(journal) => journal.save_latest(|| self.migration(id)),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes the record of `id` where losing the write changes nothing a recovery decides.
+    pub(crate) fn persist_or_warn(&self, id: &str) {
+        if let Err(e) = self.persist(id) {
+            warn!(migration = %id, error = %e, "cannot journal the migration");
+        }
+    }
+
+    /// Writes the record of `id` before a step that stops or moves the workload: the step is
+    /// not taken (the migration fails) unless a restarted controller would know of it.
+    pub(crate) fn persist_before(&self, id: &str, step: &str) -> Result<(), String> {
+        self.persist(id)
+            .map_err(|e| format!("{e}; {step} was not started"))
+    }
+
+    /// Journals the terminal record of `id` and trims the history to [`KEEP_TERMINAL`]
+    /// terminal records.
+    pub(crate) fn finished(&self, id: &str) {
+        self.persist_or_warn(id);
+        let gone = {
+            let mut migrations = lock(&self.migrations);
+            let gone = past_history_cap(&migrations.values().collect::<Vec<_>>(), KEEP_TERMINAL);
+            for id in &gone {
+                migrations.remove(id);
+            }
+            gone
+        };
+        if let Some(journal) = &self.journal {
+            journal.remove(&gone);
+        }
     }
 
     pub(crate) fn update(&self, id: &str, f: impl FnOnce(&mut Migration)) {
@@ -339,6 +472,7 @@ impl Controller {
                 // Done only once the origin is cleaned up: a client that sees `done` finds the
                 // workload on the destination alone.
                 self.advance(id, Phase::Done);
+                self.finished(id);
                 info!(migration = %id, "migration done");
             }
             Err(reason) => self.recover(id, origin, dest, &req, reason).await,
@@ -393,6 +527,7 @@ impl Controller {
             .await
             .map_err(|e| e.to_string())?;
         self.advance(id, Phase::Checkpointing);
+        self.persist_before(id, "the checkpoint")?;
         // With `stream_during_checkpoint` the send starts with the checkpoint: the origin
         // streams the page images while the engine writes them, and the rest once each
         // checkpoint is committed. A failed checkpoint fails the send too (the origin agent
@@ -414,6 +549,7 @@ impl Controller {
             let bytes = summaries.iter().map(|s| s.bytes).sum();
             self.update(id, |m| m.checkpoint_bytes = bytes);
             self.advance(id, Phase::Transferring);
+            self.persist_or_warn(id);
             Ok::<_, String>(())
         };
         let sent = if live {
@@ -431,11 +567,16 @@ impl Controller {
             m.bytes_sent_while_checkpointing = sent.live_bytes;
         });
         self.advance(id, Phase::Restoring);
+        self.persist_before(id, "the restore")?;
         self.nodes_api
             .restore(dest, req)
             .await
             .map_err(|e| e.to_string())?;
-        self.update(id, Migration::mark_running_again);
+        self.update(id, |m| {
+            m.mark_running_again();
+            m.destination_running = true;
+        });
+        self.persist_or_warn(id);
         Ok(())
     }
 
@@ -478,5 +619,6 @@ impl Controller {
                 warn!(migration = %id, error = %e, "state machine refused failure");
             }
         });
+        self.finished(id);
     }
 }

@@ -19,6 +19,10 @@
 //!   controller --finish--> origin agent (delete container and checkpoint)
 //! on failure: abort on the destination, rollback on the origin (restart from its checkpoint)
 //! ```
+//!
+//! With a state dir the controller journals every migration ([`journal`]); one it finds
+//! unfinished when it starts is resolved ([`recovery`]): finished when the destination runs
+//! the workload, else rolled back to the origin.
 
 pub mod agent;
 pub mod agent_routes;
@@ -27,12 +31,14 @@ pub mod auth;
 pub mod containerd;
 pub mod controller;
 pub mod http;
+pub mod journal;
 pub mod kube;
 pub mod metrics;
 pub mod migration;
 pub mod node_client;
 pub mod openapi;
 pub mod protocol;
+pub mod recovery;
 pub mod registry;
 pub mod stream;
 pub mod transfer;

@@ -15,9 +15,10 @@ use mig_server::agent_routes::AgentState;
 use mig_server::auth::Token;
 use mig_server::containerd::{Ctr, Grpc};
 use mig_server::controller::{Controller, ControllerConfig};
+use mig_server::journal::{Journal, JournalError};
 use mig_server::kube::client::{HttpKube, KubeConfig};
 use mig_server::node_client::HttpNodes;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 #[derive(Parser)]
 #[command(
@@ -78,7 +79,12 @@ struct ServeArgs {
     /// Default containerd namespace.
     #[arg(long, default_value = "default")]
     namespace: String,
-    /// State dir shared with the shim (checkpoints/, marks/).
+    /// State dir shared with the shim (checkpoints/, marks/). The controller journals its
+    /// migrations and the registered nodes in <state-dir>/controller/ (0700; each record
+    /// written atomically, 0600; one controller per state dir): a controller restarted on it
+    /// answers GET /migrations and GET /nodes as before, and resolves the migrations it left
+    /// unfinished, finishing those the destination already runs and rolling the others back
+    /// to their origin.
     #[arg(long, env = "MIG_STATE_DIR", default_value = "/var/lib/kubernetes-mig")]
     state_dir: PathBuf,
     /// Runtime type migrated containers have and are restored with.
@@ -198,6 +204,19 @@ async fn serve(args: ServeArgs, token: Token) -> Result<()> {
             controller =
                 controller.with_kube(Arc::new(kube), Duration::from_millis(args.kube_poll_ms));
         }
+        match Journal::open(&args.state_dir) {
+            Ok(journal) => controller = controller.with_journal(journal),
+            // Two controllers on one journal would resolve each other's migrations.
+            Err(e @ JournalError::Locked { .. }) => return Err(e.into()),
+            // A controller without a writable state dir (a read-only container, say) still
+            // migrates; it only cannot resolve what a restart interrupts.
+            Err(e) => error!(
+                error = %e,
+                "the controller's journal is OFF: records are kept in memory only, and a \
+                 migration interrupted by a restart of this controller is not resolved; give \
+                 it a writable --state-dir"
+            ),
+        }
         let controller = Arc::new(controller);
         if runs_agent {
             controller
@@ -220,11 +239,15 @@ async fn serve(args: ServeArgs, token: Token) -> Result<()> {
             advertise.clone(),
         ));
     }
-    let app = mig_server::app(controller, agent, token);
+    let app = mig_server::app(controller.clone(), agent, token);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     info!(listen = %args.listen, %advertise, node = %args.node_name, "mig-server serving");
+    if let Some(controller) = &controller {
+        // Once listening: in --role all the local agent is one of the nodes to ask.
+        controller.resume_interrupted();
+    }
     axum::serve(listener, app)
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
@@ -233,8 +256,9 @@ async fn serve(args: ServeArgs, token: Token) -> Result<()> {
         .context("serving HTTP")
 }
 
-/// Registers this agent with the controller until it answers; registration is idempotent, so
-/// a controller restart is healed by the agent's next start (or a re-run of this loop).
+/// Registers this agent with the controller, every 2 s until it answers, then again every
+/// 30 s: registration is idempotent, and a controller that lost its journal (or moved)
+/// learns the node again within that time.
 async fn register_loop(
     http: reqwest::Client,
     token: Token,
@@ -243,6 +267,7 @@ async fn register_loop(
     address: String,
 ) {
     let url = format!("{}/register", controller.trim_end_matches('/'));
+    let mut registered_before = false;
     loop {
         let result = http
             .post(&url)
@@ -250,14 +275,24 @@ async fn register_loop(
             .json(&serde_json::json!({"name": name, "address": address}))
             .send()
             .await;
-        match result {
+        let registered = match result {
             Ok(r) if r.status().is_success() => {
-                info!(%url, "registered with the controller");
-                return;
+                if !registered_before {
+                    info!(%url, "registered with the controller");
+                }
+                true
             }
-            Ok(r) => warn!(%url, status = %r.status(), "controller refused registration"),
-            Err(e) => warn!(%url, error = %e, "controller unreachable; retrying"),
-        }
-        tokio::time::sleep(Duration::from_secs(2)).await;
+            Ok(r) => {
+                warn!(%url, status = %r.status(), "controller refused registration");
+                false
+            }
+            Err(e) => {
+                warn!(%url, error = %e, "controller unreachable; retrying");
+                false
+            }
+        };
+        registered_before = registered;
+        let pause = if registered { 30 } else { 2 };
+        tokio::time::sleep(Duration::from_secs(pause)).await;
     }
 }

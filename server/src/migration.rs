@@ -170,6 +170,10 @@ pub struct Migration {
     pub failure: Option<Failure>,
     /// Problems that did not fail the migration (e.g. origin cleanup after success).
     pub warnings: Vec<String>,
+    /// The destination reported the workload running (journaled before the origin is cleaned
+    /// up, so a controller that restarts then only finishes the migration).
+    #[serde(default)]
+    pub destination_running: bool,
     /// Kubernetes mode: the Deployment, its old and new pods, the steps taken.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes: Option<crate::kube::KubeReport>,
@@ -233,6 +237,7 @@ impl Migration {
             duration_ms: None,
             failure: None,
             warnings: Vec::new(),
+            destination_running: false,
             kubernetes: None,
             clock: Clock::default(),
         }
@@ -325,6 +330,39 @@ impl Migration {
         Ok(())
     }
 
+    /// Rebuilds the record's clock after it was read back from the journal (the clock is not
+    /// stored: it is monotonic time of the process that made it), from the wall-clock times
+    /// the record holds, so durations and downtime still count from the migration's start.
+    pub fn resume_clock(&mut self) {
+        let now_unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(millis)
+            .unwrap_or_default();
+        let age = Duration::from_millis(now_unix_ms.saturating_sub(self.created_unix_ms));
+        let now = Instant::now();
+        let created = now.checked_sub(age).unwrap_or(now);
+        let at = |ms: u64| {
+            created
+                .checked_add(Duration::from_millis(ms))
+                .unwrap_or(now)
+                .min(now)
+        };
+        let phase_started = self.timings.last().map_or(created, |t| at(t.started_ms));
+        let downtime_started = (self.downtime_ms.is_none() && !self.phase.is_terminal())
+            .then(|| {
+                self.timings
+                    .iter()
+                    .find(|t| t.phase == Phase::Checkpointing)
+                    .map(|t| at(t.started_ms))
+            })
+            .flatten();
+        self.clock = Clock {
+            created,
+            phase_started,
+            downtime_started,
+        };
+    }
+
     /// Duration of `phase`, if it has ended.
     pub fn phase_duration(&self, phase: Phase) -> Option<u64> {
         self.timings
@@ -388,6 +426,21 @@ mod tests {
         assert!(m.downtime_ms.is_some());
         assert!(m.advance(Phase::Restoring).is_err());
         assert!(m.fail("again".into(), vec![], false).is_err());
+    }
+
+    #[test]
+    fn a_record_read_back_keeps_counting_from_its_start() {
+        let mut m = migration();
+        m.advance(Phase::Checkpointing).expect("advance");
+        m.created_unix_ms -= 5_000;
+        let mut back: Migration =
+            serde_json::from_value(serde_json::to_value(&m).expect("json")).expect("read back");
+        back.resume_clock();
+        back.fail("the controller restarted".into(), vec![], true)
+            .expect("fail");
+        assert!(back.duration_ms.expect("duration") >= 5_000, "{back:?}");
+        assert!(back.downtime_ms.expect("downtime") >= 5_000, "{back:?}");
+        assert!(back.timings[1].duration_ms.expect("checkpointing") >= 5_000);
     }
 
     #[test]

@@ -11,8 +11,8 @@ use crate::auth::Token;
 use crate::containerd::ContainerInfo;
 use crate::kube::{KubeSendRequest, WorkloadStatus, WorkloadsRequest};
 use crate::protocol::{
-    ActionReport, CheckpointSummary, ContainersRequest, ErrorBody, PrepareRequest, ResolveRequest,
-    SendRequest, TransferSummary,
+    ActionReport, CheckpointSummary, ContainerState, ContainersRequest, ErrorBody, PrepareRequest,
+    ResolveRequest, SendRequest, TransferSummary,
 };
 use crate::registry::NodeInfo;
 use crate::transfer::error_chain;
@@ -88,6 +88,12 @@ pub trait NodeApi: Send + Sync {
         node: &NodeInfo,
         req: &ContainersRequest,
     ) -> Result<ActionReport, NodeCallError>;
+    /// Whether the containers exist on `node` and what their tasks do.
+    async fn status(
+        &self,
+        node: &NodeInfo,
+        req: &ContainersRequest,
+    ) -> Result<Vec<ContainerState>, NodeCallError>;
     /// Kubernetes mode: mark, unmark, discard or report workloads' checkpoints.
     async fn kube_workloads(
         &self,
@@ -200,7 +206,7 @@ impl HttpNodes {
 
 /// Agent calls that do the same when repeated (describe reads; prepare skips what it created;
 /// abort deletes what is left), so a retry after a connection failure cannot do anything twice.
-const IDEMPOTENT: [&str; 4] = ["resolve", "describe", "prepare", "abort"];
+const IDEMPOTENT: [&str; 5] = ["resolve", "describe", "prepare", "abort", "status"];
 
 #[async_trait]
 impl NodeApi for HttpNodes {
@@ -266,6 +272,13 @@ impl NodeApi for HttpNodes {
         req: &ContainersRequest,
     ) -> Result<ActionReport, NodeCallError> {
         self.post(node, "finish", req, false).await
+    }
+    async fn status(
+        &self,
+        node: &NodeInfo,
+        req: &ContainersRequest,
+    ) -> Result<Vec<ContainerState>, NodeCallError> {
+        self.post(node, "status", req, false).await
     }
     async fn kube_workloads(
         &self,

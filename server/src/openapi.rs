@@ -42,6 +42,7 @@ pub fn document() -> Value {
                         "phase": {"type": "string"}, "reason": {"type": "string"},
                         "recovery": {"type": "array", "items": {"type": "string"}}}},
                     "warnings": {"type": "array", "items": {"type": "string"}},
+                    "destinationRunning": {"type": "boolean", "description": "the destination reported the workload running"},
                     "kubernetes": {"type": "object", "description": "Kubernetes mode only", "properties": {
                         "deployment": {"type": "string"}, "replicas": {"type": "integer"},
                         "oldPods": {"type": "array", "items": {"type": "string"}},
@@ -75,7 +76,8 @@ pub fn document() -> Value {
                     "400": err("invalid body, name or origin == dest"),
                     "401": err("missing or wrong token"),
                     "404": err("unknown node or workload"),
-                    "409": err("the workload is already migrating"),
+                    "409": err("the workload is already migrating, or its migration is being resolved after a controller restart"),
+                    "500": err("the migration could not be journaled, so it was not started"),
                     "502": err("the origin agent failed")}}},
             "/migrations": {"get": {"summary": "all migrations", "responses": {"200": {"description": "records",
                 "content": {"application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Migration"}}}}}}}},

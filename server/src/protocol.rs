@@ -13,7 +13,7 @@ pub struct ResolveRequest {
     pub target: Target,
 }
 
-/// `POST /agent/v1/{describe,checkpoint,restore,rollback,finish,abort}`.
+/// `POST /agent/v1/{describe,checkpoint,restore,rollback,finish,abort,status}`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ContainersRequest {
     /// The migration this belongs to.
@@ -49,6 +49,17 @@ pub struct SendRequest {
     /// while they are written (the controller asks for the checkpoint at the same time).
     #[serde(default)]
     pub live: bool,
+}
+
+/// `POST /agent/v1/status`: one container of the request on the node asked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerState {
+    /// Container id.
+    pub container: String,
+    /// Whether the container exists on the node.
+    pub exists: bool,
+    /// Its task's status; `None` when it has no task.
+    pub task: Option<crate::containerd::TaskStatus>,
 }
 
 /// One container's checkpoint on the origin.

@@ -92,6 +92,11 @@ impl Registry {
             .is_none()
     }
 
+    /// Puts back a node read from the controller's journal, as it was registered.
+    pub fn restore_node(&mut self, node: NodeInfo) {
+        self.nodes.insert(node.name.clone(), node);
+    }
+
     /// Registers a pod; returns whether it is new.
     pub fn register_pod(&mut self, pod: PodInfo) -> bool {
         self.pods.insert(pod.id.clone(), pod).is_none()

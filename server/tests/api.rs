@@ -781,3 +781,99 @@ async fn a_container_created_ahead_from_another_record_is_refused_when_its_check
     assert_eq!(c.dest.status("counter"), None);
     assert!(dir_is_empty(&c.dest.state_dir.join("checkpoints")));
 }
+
+#[tokio::test]
+async fn status_reports_each_container_and_a_restore_asked_again_starts_nothing() {
+    use mig_server::containerd::Containerd;
+    let c = cluster().await;
+    let req = json!({"migration": "m-2", "namespace": NS, "containers": ["counter", "nope"]});
+    let (s, states) = c.agent_call(&c.origin_url, "status", req).await;
+    assert_eq!(s, 200, "{states}");
+    assert_eq!(
+        states,
+        json!([
+            {"container": "counter", "exists": true, "task": "running"},
+            {"container": "nope", "exists": false, "task": null},
+        ])
+    );
+    let req = json!({"migration": "m-2", "namespace": NS, "containers": ["counter"]});
+    let (_, infos) = c.agent_call(&c.origin_url, "describe", req.clone()).await;
+    let (s, body) = c
+        .agent_call(
+            &c.dest_url,
+            "prepare",
+            json!({"migration": "m-2", "containers": infos}),
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+    let (_, states) = c.agent_call(&c.dest_url, "status", req.clone()).await;
+    assert_eq!(states[0]["task"], "created", "{states}");
+    let (s, body) = c.agent_call(&c.origin_url, "checkpoint", req.clone()).await;
+    assert_eq!(s, 200, "{body}");
+    let mut send = req.clone();
+    send["destination"] = json!(c.dest_url);
+    let (s, body) = c.agent_call(&c.origin_url, "send", send).await;
+    assert_eq!(s, 200, "{body}");
+    // The restore a controller asked for started the task, and the controller died before
+    // the agent finished the restore's bookkeeping: the one its successor asks for completes
+    // it without starting the task twice.
+    c.dest.start_task(NS, "counter").await.expect("start");
+    let (s, body) = c.agent_call(&c.dest_url, "restore", req.clone()).await;
+    assert_eq!(s, 200, "{body}");
+    let starts = c
+        .dest
+        .calls()
+        .iter()
+        .filter(|c| *c == "start counter")
+        .count();
+    assert_eq!(starts, 1, "{:?}", c.dest.calls());
+    assert!(dir_is_empty(&c.dest.state_dir.join("incoming")));
+    assert!(dir_is_empty(&c.dest.state_dir.join("migrations")));
+    // Asked once more, there is nothing left to restore.
+    let (s, body) = c.agent_call(&c.dest_url, "restore", req).await;
+    assert_eq!(s, 404, "{body}");
+}
+
+#[tokio::test]
+async fn a_rollback_waits_for_a_checkpoint_the_shim_is_still_writing() {
+    let c = cluster().await;
+    // The shim, still writing a checkpoint of the counter that a controller, now gone, asked
+    // for: its temp directory is named by its pid, alive for a second.
+    let identity = WorkloadIdentity::container(NS, "counter").expect("identity");
+    let mut shim = std::process::Command::new("sleep")
+        .arg("1")
+        .spawn()
+        .expect("sleep");
+    let writing = c.origin.state_dir.join("checkpoints").join(format!(
+        ".tmp-{}-{}-1-0",
+        identity.safe_key(),
+        shim.id()
+    ));
+    std::fs::create_dir(&writing).expect("mkdir");
+    let origin = c.origin.clone();
+    let shim_done = tokio::task::spawn_blocking(move || {
+        shim.wait().expect("wait");
+        // What the shim does at the end: commit, and the dump has stopped the task.
+        let writer = origin.store().begin(&identity).expect("begin");
+        std::fs::write(
+            writer.images_dir().expect("images").join("pages-1.img"),
+            b"x",
+        )
+        .expect("write");
+        writer
+            .commit(EngineInfo::new("criu", "4.2.1"), "busybox")
+            .expect("commit");
+        origin.with(|s| {
+            s.containers.get_mut("counter").expect("counter").1 = Some(TaskStatus::Stopped)
+        });
+        std::fs::remove_dir(&writing).expect("rmdir");
+    });
+    let req = json!({"migration": "m-3", "namespace": NS, "containers": ["counter"]});
+    let (s, report) = c.agent_call(&c.origin_url, "rollback", req).await;
+    shim_done.await.expect("shim");
+    assert_eq!(s, 200, "{report}");
+    assert_eq!(report["restored"], json!(["counter"]), "{report}");
+    assert!(c.origin.calls().contains(&"start counter".to_string()));
+    assert_eq!(c.origin.status("counter"), Some(Some(TaskStatus::Running)));
+    assert!(dir_is_empty(&c.origin.state_dir.join("checkpoints")));
+}

@@ -373,13 +373,14 @@ fn rand_suffix() -> u128 {
 /// network namespaces: node01 (10.231.0.1, controller too) and node02 (10.231.0.2), both
 /// registered. Dropped in field order: agents, network, nodes, then the work dir.
 struct Cluster {
-    _agent_a: Agent,
+    agent_a: Agent,
     agent_b: Agent,
     net: Net,
     b: Node,
     a: Node,
     state_a: PathBuf,
     state_b: PathBuf,
+    a_args: Vec<String>,
     b_args: Vec<String>,
     work: tempfile::TempDir,
 }
@@ -415,26 +416,26 @@ impl Cluster {
         let a_sock = a.address().display().to_string();
         let b_sock = b.address().display().to_string();
         let (sa, sb) = (state_a.display().to_string(), state_b.display().to_string());
-        let agent_a = Agent::start(
-            &net.a,
-            &[
-                "--role",
-                "all",
-                "--listen",
-                "10.231.0.1:7070",
-                "--node-name",
-                "node01",
-                "--containerd-address",
-                &a_sock,
-                "--namespace",
-                &ns,
-                "--state-dir",
-                &sa,
-                "--migration-timeout-secs",
-                "120",
-            ],
-            &work.path().join("agent-a.log"),
-        );
+        let a_args: Vec<String> = [
+            "--role",
+            "all",
+            "--listen",
+            "10.231.0.1:7070",
+            "--node-name",
+            "node01",
+            "--containerd-address",
+            &a_sock,
+            "--namespace",
+            &ns,
+            "--state-dir",
+            &sa,
+            "--migration-timeout-secs",
+            "120",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let agent_a = Agent::start(&net.a, &strs(&a_args), &work.path().join("agent-a.log"));
         let b_args: Vec<String> = [
             "--role",
             "node",
@@ -466,13 +467,14 @@ impl Cluster {
             thread::sleep(Duration::from_millis(100));
         }
         Cluster {
-            _agent_a: agent_a,
+            agent_a,
             agent_b,
             net,
             b,
             a,
             state_a,
             state_b,
+            a_args,
             b_args,
             work,
         }
@@ -495,6 +497,17 @@ impl Cluster {
         ];
         cmd.extend_from_slice(args);
         self.a.ctr_ok(&cmd).expect("run counter");
+    }
+
+    /// Kills node01's server (controller and agent) and starts a new one on the same state
+    /// dir; its log goes to `log` in the work dir.
+    fn restart_agent_a(&mut self, log: &str) {
+        self.agent_a.kill();
+        self.agent_a = Agent::start(
+            &self.net.a,
+            &strs(&self.a_args),
+            &self.work.path().join(log),
+        );
     }
 
     /// Kills node02's agent and starts a new one; its log goes to `log` in the work dir.
@@ -751,6 +764,132 @@ fn dmtcp_workload_migrates_through_the_server() {
     );
     assert!(mig_dir_clean(&c.state_a), "left on the origin");
     assert!(mig_dir_clean(&c.state_b), "left on the destination");
+}
+
+/// The controller (node01's server, `--role all`: the origin's agent goes with it) is killed
+/// while the checkpoint streams to the destination, and started again on the same state dir:
+/// it finds the migration in its journal and rolls it back.
+#[test]
+fn controller_killed_while_transferring_is_resolved_when_it_restarts() {
+    kill_the_controller_mid_migration(
+        "controller_killed_while_transferring_is_resolved_when_it_restarts",
+        "transferring",
+    );
+}
+
+/// As above, killed while the destination restores: the new controller asks it whether it
+/// runs the workload, and finishes the migration or rolls it back accordingly.
+#[test]
+fn controller_killed_while_restoring_is_resolved_when_it_restarts() {
+    kill_the_controller_mid_migration(
+        "controller_killed_while_restoring_is_resolved_when_it_restarts",
+        "restoring",
+    );
+}
+
+/// Kills node01's server when the migration of the counter to node02 is in phase `kill_in`
+/// (the origin has stopped the workload by then) and starts it again: the workload then runs
+/// on exactly one node, with its memory, and nothing of the migration is left.
+fn kill_the_controller_mid_migration(test: &str, kill_in: &str) {
+    if !prerequisites(test) {
+        return;
+    }
+    for tool in ["criu", "curl", "ip"] {
+        if mig_e2e::prereq::find_on_path(tool).is_none() {
+            return skip(test, &format!("`{tool}` is not on PATH"));
+        }
+    }
+    let image = TestImage::busybox().expect("image");
+    let mut c = Cluster::start(&[], &image);
+    // 256 MiB of noise in the container's root travels in the checkpoint's upper layer: the
+    // transfer and the restore take long enough (seconds) to kill the controller in them.
+    c.run_counter(
+        &image,
+        &[
+            "sh",
+            "-c",
+            "echo 0 > /count; head -c 268435456 /dev/urandom > /ballast; \
+             i=0; while :; do i=$((i+1)); echo $i > /count; sleep 0.1; done",
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while count(&c.a, "counter") < 5 {
+        assert!(Instant::now() < deadline, "the counter does not count");
+        thread::sleep(Duration::from_millis(200));
+    }
+    let before = count(&c.a, "counter");
+    let migrate = json!({"deployment": "counter", "originNode": "node01", "destNode": "node02"});
+    let (s, m) = http(&c.net.a, "POST", "/migrate", Some(&migrate), true);
+    assert_eq!(s, 202, "{m}");
+    let id = m["id"].as_str().expect("id").to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let killed_in = loop {
+        let (_, m) = http(&c.net.a, "GET", &format!("/migrations/{id}"), None, false);
+        let phase = m["phase"].as_str().unwrap_or("").to_string();
+        if phase == kill_in {
+            c.agent_a.kill();
+            break phase;
+        }
+        assert!(
+            !["done", "failed", "rolled_back"].contains(&phase.as_str()),
+            "the migration ended before the controller could be killed in it: {m}"
+        );
+        assert!(Instant::now() < deadline, "migration stuck: {m}");
+        thread::sleep(Duration::from_millis(10));
+    };
+    eprintln!("killed node01's server while {killed_in}");
+    c.restart_agent_a("agent-a2.log");
+    let m = wait_terminal(&c.net.a, &id);
+    let log = || std::fs::read_to_string(c.work.path().join("agent-a2.log")).unwrap_or_default();
+    eprintln!("after the restart: {m}");
+    let phase = m["phase"].as_str().unwrap_or("");
+    let said = format!("{}{}", m["failure"]["reason"], m["warnings"]);
+    assert!(
+        said.contains("the controller restarted while"),
+        "{m}
+{}",
+        log()
+    );
+    let (runs_on, gone_from) = match phase {
+        "rolled_back" => (&c.a, &c.b),
+        "done" => (&c.b, &c.a),
+        _ => panic!(
+            "expected rolled_back or done: {m}
+{}",
+            log()
+        ),
+    };
+    runs_on
+        .wait_for_status("counter", "RUNNING", Duration::from_secs(30))
+        .expect("the workload runs");
+    assert!(
+        gone_from
+            .ctr_ok(&["containers", "ls", "-q"])
+            .expect("ls")
+            .trim()
+            .is_empty(),
+        "the workload is on both nodes after {phase}"
+    );
+    thread::sleep(Duration::from_millis(500));
+    let after = count(runs_on, "counter");
+    eprintln!("{phase}: counter {before} -> {after}");
+    assert!(
+        after > before,
+        "the counter restarted: {before} -> {after} ({phase})"
+    );
+    assert!(mig_dir_clean(&c.state_a), "left on node01");
+    assert!(mig_dir_clean(&c.state_b), "left on node02");
+    // The history is the restarted controller's too.
+    let (_, all) = http(&c.net.a, "GET", "/migrations", None, false);
+    assert_eq!(all.as_array().map(Vec::len), Some(1), "{all}");
+    // Both nodes share one containerd namespace, so each node's teardown counts the other's
+    // container processes as its own leftovers: remove the counter here.
+    runs_on
+        .ctr_ok(&["tasks", "rm", "-f", "counter"])
+        .expect("rm task");
+    runs_on
+        .ctr_ok(&["containers", "rm", "counter"])
+        .expect("rm container");
 }
 
 /// No checkpoint, temp dir, migration record or incoming mark left in a node's state dir.

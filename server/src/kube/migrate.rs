@@ -104,7 +104,7 @@ impl Controller {
         if let Some(k) = record.kubernetes.as_mut() {
             k.old_pods = old_pods;
         }
-        lock(&self.migrations).insert(id.clone(), record.clone());
+        self.accept(&key, &record)?;
         info!(migration = %id, deployment = %deployment, origin = %origin.name, dest = %dest.name,
               "kubernetes migration accepted");
         let this = Arc::clone(self);
@@ -235,6 +235,7 @@ impl Controller {
                 // Done only once the origin is cleaned up, as outside Kubernetes: a client that
                 // sees `done` finds no mark nor checkpoint of the workload left on the origin.
                 self.advance(id, Phase::Done);
+                self.finished(id);
                 info!(migration = %id, "kubernetes migration done");
             }
             Err(reason) => {
@@ -255,6 +256,7 @@ impl Controller {
     ) -> Result<(), String> {
         let (ns, name) = (plan.namespace.as_str(), plan.deployment.as_str());
         self.advance(id, Phase::Checkpointing);
+        self.persist_before(id, "marking the workload")?;
         self.workloads(origin, id, plan, WorkloadAction::Mark)
             .await
             .map_err(|e| e.to_string())?;
@@ -294,6 +296,7 @@ impl Controller {
         let bytes = status.iter().map(|s| s.bytes).sum();
         self.update(id, |m| m.checkpoint_bytes = bytes);
         self.advance(id, Phase::Transferring);
+        self.persist_or_warn(id);
         let sent = self
             .nodes_api
             .kube_send(
@@ -309,6 +312,7 @@ impl Controller {
         self.update(id, |m| m.bytes_transferred = sent.wire_bytes);
         self.step(id, format!("checkpoint streamed to {}", dest.name));
         self.advance(id, Phase::Restoring);
+        self.persist_or_warn(id);
         kube.api
             .patch_deployment(ns, name, &pin_patch(&dest.name, plan.replicas))
             .await
@@ -424,5 +428,6 @@ impl Controller {
                 warn!(migration = %id, error = %e, "state machine refused failure");
             }
         });
+        self.finished(id);
     }
 }
