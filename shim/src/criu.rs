@@ -70,13 +70,19 @@ pub struct Facts {
     pub nftables: bool,
 }
 
-/// The facts with what they were read from, as cached on disk.
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
-struct Cached {
+/// What cached [`Facts`] were read from: the criu binary (path, size, mtime) and the boot.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct CacheKey {
     binary: PathBuf,
     size: u64,
     mtime_ns: i128,
     boot_id: String,
+}
+
+/// The facts with what they were read from, as cached on disk.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+struct Cached {
+    key: CacheKey,
     facts: Facts,
 }
 
@@ -88,7 +94,7 @@ pub async fn facts(state_dir: &Path) -> Result<Facts> {
     let state_dir = state_dir.to_path_buf();
     FACTS
         .get_or_try_init(|| async move {
-            let binary = find_on_path("criu").ok_or_else(|| {
+            let binary = node_cache::find_on_path("criu").ok_or_else(|| {
                 Error::FailedPrecondition(
                     "the CRIU engine needs criu on the node's PATH: not found".into(),
                 )
@@ -99,14 +105,10 @@ pub async fn facts(state_dir: &Path) -> Result<Facts> {
                 return Ok(facts);
             }
             let facts = probe().await?;
-            let (binary, size, mtime_ns, boot_id) = key;
             write_cache(
                 &cache,
                 &Cached {
-                    binary,
-                    size,
-                    mtime_ns,
-                    boot_id,
+                    key,
                     facts: facts.clone(),
                 },
             );
@@ -116,29 +118,22 @@ pub async fn facts(state_dir: &Path) -> Result<Facts> {
         .cloned()
 }
 
-type Key = (PathBuf, u64, i128, String);
-
-fn cache_key(binary: &Path) -> Result<Key> {
+fn cache_key(binary: &Path) -> Result<CacheKey> {
     let meta =
         std::fs::metadata(binary).map_err(Error::io(format!("stat {}", binary.display())))?;
-    let boot_id = mig_checkpoint::boot_id().unwrap_or_default();
-    Ok((
-        binary.to_path_buf(),
-        meta.size(),
-        mig_checkpoint::mtime_ns(&meta),
-        boot_id,
-    ))
+    Ok(CacheKey {
+        binary: binary.to_path_buf(),
+        size: meta.size(),
+        mtime_ns: mig_checkpoint::mtime_ns(&meta),
+        boot_id: mig_checkpoint::boot_id().unwrap_or_default(),
+    })
 }
 
-fn read_cache(path: &Path, key: &Key) -> Option<Facts> {
+/// The cached facts, when they were read from this binary in this boot (an unknown boot never
+/// matches).
+fn read_cache(path: &Path, key: &CacheKey) -> Option<Facts> {
     let cached: Cached = node_cache::read(path)?;
-    let (binary, size, mtime_ns, boot_id) = key;
-    (cached.binary == *binary
-        && cached.size == *size
-        && cached.mtime_ns == *mtime_ns
-        && cached.boot_id == *boot_id
-        && !boot_id.is_empty())
-    .then_some(cached.facts)
+    (cached.key == *key && !key.boot_id.is_empty()).then_some(cached.facts)
 }
 
 /// Best effort: a cache that cannot be written is probed again next time.
@@ -171,15 +166,6 @@ async fn probe() -> Result<Facts> {
     cmd.args(["check", "--feature", "nftables"]);
     let nftables = run_watched(cmd, None).await.is_ok_and(|d| d.code == 0);
     Ok(Facts { version, nftables })
-}
-
-fn find_on_path(name: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|d| d.join(name))
-        .find(|p| {
-            p.metadata()
-                .is_ok_and(|m| m.is_file() && m.mode() & 0o111 != 0)
-        })
 }
 
 /// The network lock to configure: `None` leaves CRIU's default (iptables).
@@ -339,25 +325,42 @@ mod tests {
     fn the_cache_answers_only_for_the_same_binary_and_boot() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(FACTS_FILE);
-        let key: Key = ("/usr/bin/criu".into(), 10, 20, "boot-1".into());
-        let (binary, size, mtime_ns, boot_id) = key.clone();
+        let key = CacheKey {
+            binary: "/usr/bin/criu".into(),
+            size: 10,
+            mtime_ns: 20,
+            boot_id: "boot-1".into(),
+        };
         write_cache(
             &path,
             &Cached {
-                binary,
-                size,
-                mtime_ns,
-                boot_id,
+                key: key.clone(),
                 facts: facts(true),
             },
         );
         assert_eq!(read_cache(&path, &key), Some(facts(true)));
-        let mut other = key.clone();
-        other.1 = 11;
+        let other = CacheKey {
+            size: 11,
+            ..key.clone()
+        };
         assert_eq!(read_cache(&path, &other), None, "another binary");
-        let mut other = key.clone();
-        other.3 = "boot-2".into();
+        let other = CacheKey {
+            boot_id: "boot-2".into(),
+            ..key.clone()
+        };
         assert_eq!(read_cache(&path, &other), None, "another boot");
+        let unknown_boot = CacheKey {
+            boot_id: String::new(),
+            ..key.clone()
+        };
+        write_cache(
+            &path,
+            &Cached {
+                key: unknown_boot.clone(),
+                facts: facts(true),
+            },
+        );
+        assert_eq!(read_cache(&path, &unknown_boot), None, "an unknown boot");
         std::fs::write(&path, "{not json").unwrap();
         assert_eq!(
             read_cache(&path, &key),

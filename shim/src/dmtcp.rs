@@ -248,13 +248,8 @@ fn install_dir(configured_dir: Option<&Path>) -> Result<PathBuf> {
     {
         return Ok(dir);
     }
-    let launch = std::env::var_os("PATH")
-        .and_then(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join("dmtcp_launch"))
-                .find(|p| p.is_file())
-        })
-        .ok_or_else(|| DmtcpError::NotFound {
+    let launch =
+        crate::node_cache::find_on_path("dmtcp_launch").ok_or_else(|| DmtcpError::NotFound {
             searched: "no dmtcp_launch on PATH".into(),
         })?;
     let launch = fs::canonicalize(&launch).map_err(io_err("resolving", &launch))?;
