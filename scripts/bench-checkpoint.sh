@@ -3,7 +3,8 @@
 # store, restore on create from it) next to the floor measured in the same run, by hand on the
 # same program and memory size: for CRIU plain `runc checkpoint` / `runc restore`; for DMTCP
 # (a `dmtcp` row per size, when DMTCP is installed: dmtcp_launch on PATH, or MIG_DMTCP_DIR
-# set to its install dir) DMTCP run on the host, with the options the restore-hook uses.
+# set to its install dir) DMTCP run on the host, with the options the restore-hook uses, and
+# for the restore the container it restores into (`runc run -d`; see below).
 #
 #   sudo scripts/bench-checkpoint.sh [SIZES_MIB...]      (default: 16 256 1024)
 #
@@ -34,8 +35,14 @@
 #     4.2.0, so the floor waits as the hook does for `ctr task kill` (restore-hook/src/
 #     control.rs, checkpoint_stop): until the coordinator's restart script lists every image,
 #     the program has exited and the coordinator counts no peer.
-#   - Restore: until the program runs again, i.e. its tick file changes, for the floor
-#     (`dmtcp_restart` in the background) and the shim alike: `ctr task start -d` returns once
+#   - Restore: by hand, a restore into a container is two steps: runc makes the container,
+#     then `dmtcp_restart` restores the program in it. The floor is their sum, each measured
+#     in the same run: `runc run -d` of a container of the DMTCP image (a bundle of the same
+#     root, memhog touching 1 MiB) until runc returns, as CRIU's floor times `runc restore -d`
+#     (which makes the container too), plus `dmtcp_restart` on the host. The table shows both
+#     parts (the host restart alone is the "dmtcp_restart" column).
+#     The restore is timed until the program runs again, i.e. its tick file changes, for the
+#     floor (`dmtcp_restart` in the background) and the shim alike: `ctr task start -d` returns once
 #     the restore-hook (the container's init) runs, before its `dmtcp_restart` has restored the
 #     program. For the same reason the dmtcp row's plain start is timed until the new
 #     container's tick file appears. These times include up to one tick (100 ms) of memhog's
@@ -218,12 +225,15 @@ dmtcp_checkpoint_done() {
         grep -q '^ *NUM_PEERS=0$'
 }
 
-dmtcp_floor_run() { # size -> "checkpoint_ms restore_ms"
-    local size=$1 d="$W/dmtcp-floor-$1" bin="$DMTCP_DIR/bin" port coord app t0 t1 t2 old
-    rm -rf "$d" && mkdir -p "$d/ckpt" "$d/tmp"
-    # The restore-hook's environment and options (restore-hook/src/dmtcp.rs).
-    export DMTCP_TMPDIR="$d/tmp" MEMHOG_TICK="$d/tick"
-    local -a join=(--join-coordinator --coord-host 127.0.0.1 --coord-port)
+# coordinator DIR: a DMTCP coordinator made ready to start as the restore-hook starts one
+# (restore-hook/src/supervisor.rs, start_coordinator): its listening socket on 127.0.0.1, with
+# TCP_NODELAY, inherited as fd 821. The socket is made and its port written to DIR/port (pid
+# in COORD_PID) at once; the coordinator itself is exec'd when a line is written to the fifo
+# DIR/go, so that a timed step pays for the coordinator's start as the hook's does, and not
+# for Python's.
+coordinator() {
+    local d=$1
+    rm -f "$d/port" "$d/port.tmp" "$d/go" && mkfifo "$d/go"
     python3 -c '
 import os, socket, sys
 s = socket.socket()
@@ -231,12 +241,27 @@ s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 s.bind(("127.0.0.1", 0))
 s.listen(128)
 os.dup2(s.fileno(), 821)
-os.execv(sys.argv[1], sys.argv[1:])' "$bin/dmtcp_coordinator" --port-file "$d/port.tmp" \
-        --ckptdir "$d/ckpt" -q </dev/null >"$d/coordinator.log" 2>&1 &
-    coord=$!
-    echo "$coord" >>"$d/pids"
-    for _ in $(seq 200); do [ -s "$d/port.tmp" ] && break; sleep 0.05; done
-    port=$(cat "$d/port.tmp") && mv "$d/port.tmp" "$d/port"
+with open(sys.argv[1] + ".tmp", "w") as f:
+    f.write(str(s.getsockname()[1]))
+os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+with open(sys.argv[2]) as go:
+    go.readline()
+os.execv(sys.argv[3], sys.argv[3:])' "$d/port" "$d/go" "$DMTCP_DIR/bin/dmtcp_coordinator" \
+        --port-file "$d/port.coordinator" --ckptdir "$d/ckpt" -q </dev/null >>"$d/coordinator.log" 2>&1 &
+    COORD_PID=$!
+    echo "$COORD_PID" >>"$d/pids"
+    for _ in $(seq 200); do [ -s "$d/port" ] && return 0; sleep 0.05; done
+    echo "bench-checkpoint.sh: no DMTCP coordinator port in $d/port" >&2
+    return 1
+}
+
+dmtcp_floor_run() { # size -> "checkpoint_ms restore_ms(container+restart) restart_ms"
+    local size=$1 d="$W/dmtcp-floor-$1" bin="$DMTCP_DIR/bin" port coord app t0 t1 t2 old
+    rm -rf "$d" && mkdir -p "$d/ckpt" "$d/tmp"
+    # The restore-hook's environment and options (restore-hook/src/dmtcp.rs).
+    export DMTCP_TMPDIR="$d/tmp" MEMHOG_TICK="$d/tick"
+    local -a join=(--join-coordinator --coord-host 127.0.0.1 --coord-port)
+    coordinator "$d" && coord=$COORD_PID && port=$(cat "$d/port") && echo go >"$d/go"
     "$bin/dmtcp_launch" "${join[@]}" "$port" --ckptdir "$d/ckpt" --no-gzip \
         --ckpt-signal $(($(kill -l SIGRTMAX) - 2)) "$W/rootfs-dyn/memhog" "$size" \
         </dev/null >"$d/app.log" 2>&1 &
@@ -259,9 +284,15 @@ os.execv(sys.argv[1], sys.argv[1:])' "$bin/dmtcp_coordinator" --port-file "$d/po
     t1=$(now)
     wait "$app" 2>/dev/null || true
     old=$(cat "$d/tick")
+    # A restore runs in a new container, with a coordinator of its own: this one goes, and
+    # the restore starts a new one as the hook does, the coordinator and dmtcp_restart at once.
+    kill -KILL "$coord" 2>/dev/null || true
+    wait "$coord" 2>/dev/null || true
+    coordinator "$d" && coord=$COORD_PID && port=$(cat "$d/port")
     sync
     local tr
     tr=$(now)
+    echo go >"$d/go"
     "$bin/dmtcp_restart" "${join[@]}" "$port" --ckptdir "$d/ckpt" "$d"/ckpt/ckpt_*.dmtcp \
         </dev/null >"$d/restart.log" 2>&1 &
     app=$!
@@ -272,21 +303,32 @@ os.execv(sys.argv[1], sys.argv[1:])' "$bin/dmtcp_coordinator" --port-file "$d/po
     kill -KILL "$app" "$coord" 2>/dev/null || true
     wait "$app" "$coord" 2>/dev/null || true
     rm -rf "$d"
-    echo "$(ms "$t0" "$t1") $(ms "$tr" "$t2")"
+    # The container a restore needs: `runc run -d` of the same root, as CRIU's floor makes
+    # its container in `runc restore -d`.
+    local b="$W/bundle-dyn-$size" id="floor-dyn-$size" t3 t4
+    floor_bundle "$b" "$W/rootfs-dyn/memhog" 1
+    cp -a "$W/rootfs-dyn/." "$b/rootfs/"
+    sync
+    t3=$(now)
+    runc --root "$W/runc" run -d --bundle "$b" "$id" </dev/null > >(cat >/dev/null) 2>&1
+    t4=$(now)
+    runc --root "$W/runc" delete -f "$id"
+    rm -rf "$b"
+    echo "$(ms "$t0" "$t1") $(( $(ms "$tr" "$t2") + $(ms "$t3" "$t4") )) $(ms "$tr" "$t2")"
 }
 
-row() { # size engine floor_dump ckpt floor_restore restore plain_start
-    printf '%-8s %-6s %14s %10s %7s %14s %12s %7s %12s\n' "${1}MiB" "$2" "$3" "$4" \
+row() { # size engine floor_dump ckpt floor_restore restore plain_start dmtcp_restart
+    printf '%-8s %-6s %14s %10s %7s %14s %12s %7s %12s %14s\n' "${1}MiB" "$2" "$3" "$4" \
         "$(awk -v a="$4" -v b="$3" 'BEGIN{printf "%.2f", a/(b?b:1)}')" "$5" "$6" \
-        "$(awk -v a="$6" -v b="$5" 'BEGIN{printf "%.2f", a/(b?b:1)}')" "$7"
+        "$(awk -v a="$6" -v b="$5" 'BEGIN{printf "%.2f", a/(b?b:1)}')" "$7" "$8"
 }
 
-printf '\n%-8s %-6s %14s %10s %7s %14s %12s %7s %12s\n' "memory" "engine" "floor dump ms" "ckpt ms" "ratio" "floor rest ms" "restore ms" "ratio" "plain start ms"
+printf '\n%-8s %-6s %14s %10s %7s %14s %12s %7s %12s %14s\n' "memory" "engine" "floor dump ms" "ckpt ms" "ratio" "floor rest ms" "restore ms" "ratio" "plain start ms" "dmtcp_restart"
 ENGINES=(criu)
 [ -z "$DMTCP_DIR" ] || ENGINES+=(dmtcp)
 for size in "${SIZES[@]}"; do
     for engine in "${ENGINES[@]}"; do
-        fd=() fr=() md=() mr=() cr=()
+        fd=() fr=() md=() mr=() cr=() hr=()
         warm_memory "$size"
         for rep in $(seq "$REPS"); do
             # Odd runs measure the floor first, even ones the shim (see warm_memory in
@@ -295,14 +337,14 @@ for size in "${SIZES[@]}"; do
                 if [ "$step" = floor ] && [ "$engine" = criu ]; then
                     read -r a b < <(floor_run "$size"); fd+=("$a"); fr+=("$b")
                 elif [ "$step" = floor ]; then
-                    read -r a b < <(dmtcp_floor_run "$size"); fd+=("$a"); fr+=("$b")
+                    read -r a b c < <(dmtcp_floor_run "$size"); fd+=("$a"); fr+=("$b"); hr+=("$c")
                 else
                     read -r a b c < <(mig_run "$size" "$engine"); md+=("$a"); mr+=("$b"); cr+=("$c")
                 fi
             done
         done
         row "$size" "$engine" "$(median "${fd[@]}")" "$(median "${md[@]}")" "$(median "${fr[@]}")" \
-            "$(median "${mr[@]}")" "$(median "${cr[@]}")"
+            "$(median "${mr[@]}")" "$(median "${cr[@]}")" "$( ((${#hr[@]})) && median "${hr[@]}" || echo -)"
     done
 done
 [ -n "$DMTCP_DIR" ] || echo "dmtcp: not installed here (no registry carries it); its row is skipped"
