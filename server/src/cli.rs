@@ -1,6 +1,7 @@
 //! The client subcommands: `migrate` (with a progress line while it runs), `status`, `nodes`.
 
 use std::io::{IsTerminal, Write};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -54,8 +55,8 @@ pub struct StatusArgs {
     server: ServerArg,
 }
 
-fn client() -> Result<reqwest::Client> {
-    reqwest::Client::builder()
+fn client(ca: Option<&Path>) -> Result<reqwest::Client> {
+    mig_server::tls::client_builder(ca)?
         .timeout(Duration::from_secs(30))
         .build()
         .context("building the HTTP client")
@@ -77,8 +78,8 @@ async fn answer<T: serde::de::DeserializeOwned>(r: reqwest::Response, what: &str
 }
 
 /// Starts a migration and follows it to the end; fails if the migration fails.
-pub async fn migrate(args: MigrateArgs, token: &Token) -> Result<()> {
-    let http = client()?;
+pub async fn migrate(args: MigrateArgs, token: &Token, ca: Option<&Path>) -> Result<()> {
+    let http = client(ca)?;
     let base = args.server.server.trim_end_matches('/').to_string();
     let body = serde_json::json!({
         "deployment": args.deployment, "pod": args.pod, "container": args.container,
@@ -145,16 +146,24 @@ pub async fn migrate(args: MigrateArgs, token: &Token) -> Result<()> {
 }
 
 /// Prints one migration or a table of all.
-pub async fn status(args: StatusArgs) -> Result<()> {
-    let http = client()?;
+pub async fn status(args: StatusArgs, ca: Option<&Path>) -> Result<()> {
+    let http = client(ca)?;
     let base = args.server.server.trim_end_matches('/');
     match args.id {
         Some(id) => {
-            let r = http.get(format!("{base}/migrations/{id}")).send().await?;
+            let r = http
+                .get(format!("{base}/migrations/{id}"))
+                .send()
+                .await
+                .with_context(|| format!("cannot reach the controller at {base}"))?;
             print_record(&answer(r, "GET /migrations/{id}").await?);
         }
         None => {
-            let r = http.get(format!("{base}/migrations")).send().await?;
+            let r = http
+                .get(format!("{base}/migrations"))
+                .send()
+                .await
+                .with_context(|| format!("cannot reach the controller at {base}"))?;
             let all: Vec<Migration> = answer(r, "GET /migrations").await?;
             println!(
                 "{:<24} {:<24} {:<8} {:<8} {:<12} {:>10} {:>10}",
@@ -178,9 +187,13 @@ pub async fn status(args: StatusArgs) -> Result<()> {
 }
 
 /// Lists the registered nodes.
-pub async fn nodes(args: ServerArg) -> Result<()> {
+pub async fn nodes(args: ServerArg, ca: Option<&Path>) -> Result<()> {
     let base = args.server.trim_end_matches('/');
-    let r = client()?.get(format!("{base}/nodes")).send().await?;
+    let r = client(ca)?
+        .get(format!("{base}/nodes"))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the controller at {base}"))?;
     let nodes: Vec<NodeInfo> = answer(r, "GET /nodes").await?;
     println!("{:<16} ADDRESS", "NAME");
     for n in nodes {

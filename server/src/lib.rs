@@ -41,6 +41,7 @@ pub mod protocol;
 pub mod recovery;
 pub mod registry;
 pub mod stream;
+pub mod tls;
 pub mod transfer;
 
 use std::sync::Arc;

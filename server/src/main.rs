@@ -4,7 +4,7 @@
 mod cli;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +18,8 @@ use mig_server::controller::{Controller, ControllerConfig};
 use mig_server::journal::{Journal, JournalError};
 use mig_server::kube::client::{HttpKube, KubeConfig};
 use mig_server::node_client::HttpNodes;
+use mig_server::tls;
+use mig_server::transfer::error_chain;
 use tracing::{error, info, warn};
 
 #[derive(Parser)]
@@ -30,6 +32,10 @@ struct Args {
     /// File holding the bearer token (default: the MIG_TOKEN environment variable).
     #[arg(long, global = true, env = "MIG_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// PEM bundle of the CAs trusted when calling the controller or other agents over https;
+    /// when given, the only ones (the built-in web PKI roots are not trusted then).
+    #[arg(long, global = true, env = "MIG_TLS_CA")]
+    tls_ca: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -67,9 +73,17 @@ struct ServeArgs {
     /// This node's name (node role).
     #[arg(long, env = "MIG_NODE_NAME", default_value = "node01")]
     node_name: String,
-    /// URL other agents and the controller reach this agent at (default: http://<listen>).
+    /// URL other agents and the controller reach this agent at (default:
+    /// <node-scheme>://<listen>).
     #[arg(long)]
     advertise_url: Option<String>,
+    /// Serve TLS with this PEM certificate chain (this server's certificate first); its
+    /// names (IP or DNS) must match the address the others reach this server at.
+    #[arg(long, env = "MIG_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "MIG_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Controller to register with (node role).
     #[arg(long, env = "MIG_CONTROLLER")]
     controller: Option<String>,
@@ -102,9 +116,10 @@ struct ServeArgs {
     /// Controller: stream each checkpoint while the origin writes it (true), or after it.
     #[arg(long, env = "MIG_STREAM_DURING_CHECKPOINT", default_value_t = true, action = clap::ArgAction::Set)]
     stream_during_checkpoint: bool,
-    /// Scheme for node addresses registered without one.
-    #[arg(long, default_value = "http")]
-    node_scheme: String,
+    /// Scheme for node addresses registered without one, and of the default --advertise-url
+    /// (default: https with --tls-cert, else http).
+    #[arg(long)]
+    node_scheme: Option<String>,
     /// Kubernetes mode (controller): migrate Deployments through the API server, with the
     /// pod's service account (`--kube`) or a kubeconfig (`--kubeconfig PATH`).
     #[arg(long, env = "MIG_KUBE")]
@@ -128,23 +143,33 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let token = || Token::load(args.token_file.as_deref()).context("loading the bearer token");
+    let ca = args.tls_ca.as_deref();
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
         match args.command {
-            Command::Serve(serve_args) => serve(*serve_args, token()?).await,
-            Command::Migrate(a) => cli::migrate(a, &token()?).await,
-            Command::Status(a) => cli::status(a).await,
-            Command::Nodes(a) => cli::nodes(a).await,
+            Command::Serve(serve_args) => serve(*serve_args, token()?, ca).await,
+            Command::Migrate(a) => cli::migrate(a, &token()?, ca).await,
+            Command::Status(a) => cli::status(a, ca).await,
+            Command::Nodes(a) => cli::nodes(a, ca).await,
         }
     })
 }
 
-async fn serve(args: ServeArgs, token: Token) -> Result<()> {
+async fn serve(args: ServeArgs, token: Token, ca: Option<&Path>) -> Result<()> {
+    // Loaded first: a bad certificate or key stops the start before anything else happens.
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(tls::server_config(cert, key)?),
+        _ => None,
+    };
+    let node_scheme = args
+        .node_scheme
+        .clone()
+        .unwrap_or_else(|| if tls.is_some() { "https" } else { "http" }.to_string());
     let advertise = args
         .advertise_url
         .clone()
-        .unwrap_or_else(|| format!("{}://{}", args.node_scheme, args.listen));
-    let http = reqwest::Client::builder()
+        .unwrap_or_else(|| format!("{node_scheme}://{}", args.listen));
+    let http = tls::client_builder(ca)?
         .connect_timeout(Duration::from_secs(5))
         .build()
         .context("building the HTTP client")?;
@@ -190,7 +215,7 @@ async fn serve(args: ServeArgs, token: Token) -> Result<()> {
         let mut controller = Controller::new(
             ControllerConfig {
                 default_namespace: args.namespace.clone(),
-                default_scheme: args.node_scheme.clone(),
+                default_scheme: node_scheme.clone(),
                 migration_timeout: Duration::from_secs(args.migration_timeout_secs),
                 stream_during_checkpoint: args.stream_during_checkpoint,
             },
@@ -243,11 +268,30 @@ async fn serve(args: ServeArgs, token: Token) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
-    info!(listen = %args.listen, %advertise, node = %args.node_name, "mig-server serving");
+    info!(listen = %args.listen, %advertise, node = %args.node_name, tls = tls.is_some(),
+          "mig-server serving");
     if let Some(controller) = &controller {
         // Once listening: in --role all the local agent is one of the nodes to ask.
         controller.resume_interrupted();
     }
+    match tls {
+        Some(config) => run(tls::TlsListener::new(listener, config), app).await,
+        None => {
+            warn!(
+                "TLS is off: every request to this server, the bearer token and checkpoint \
+                 streams (process memory) included, travels unencrypted; serve with --tls-cert \
+                 and --tls-key (README, TLS)"
+            );
+            run(listener, app).await
+        }
+    }
+}
+
+async fn run<L>(listener: L, app: axum::Router) -> Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     axum::serve(listener, app)
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
@@ -287,7 +331,8 @@ async fn register_loop(
                 false
             }
             Err(e) => {
-                warn!(%url, error = %e, "controller unreachable; retrying");
+                // The chain: reqwest's own message does not say why (refused, a certificate).
+                warn!(%url, error = %error_chain(&e), "controller unreachable; retrying");
                 false
             }
         };

@@ -1,0 +1,395 @@
+//! TLS between all parties: the server side (`--tls-cert`, `--tls-key`: rustls over the
+//! listening socket, see [`TlsListener`]) and the client side (`--tls-ca`: which CAs this
+//! process trusts when it calls other agents or the controller, see [`client_builder`]).
+//!
+//! The bearer token stays the authentication; TLS protects it and the checkpoint streams
+//! (process memory) from being read or changed on the node network. Clients do not present
+//! certificates (no mutual TLS).
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::pem::{self, PemObject};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tracing::{debug, error};
+
+/// A client that has not finished its handshake by then is dropped: a stalled or plain-HTTP
+/// peer must not hold a connection slot.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in flight at once; past that, new connections wait in the kernel's backlog.
+const MAX_HANDSHAKES: usize = 256;
+
+const CERT_EXPECTED: &str = "PEM certificates (-----BEGIN CERTIFICATE-----), this server's \
+                             first, then any intermediate CAs";
+const KEY_EXPECTED: &str = "an unencrypted PEM private key (-----BEGIN PRIVATE KEY-----, \
+                            -----BEGIN RSA PRIVATE KEY----- or -----BEGIN EC PRIVATE KEY-----)";
+const CA_EXPECTED: &str = "PEM CA certificates (-----BEGIN CERTIFICATE-----)";
+
+/// Why the TLS files cannot be used; each names the file and what was expected of it.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// The file cannot be read.
+    #[error("cannot read the {what} {}: {source}", path.display())]
+    Read {
+        /// Which file: "TLS certificate", "TLS private key", "CA bundle".
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// The file is read but holds nothing usable.
+    #[error("the {what} {} {problem}; expected {expected}", path.display())]
+    Invalid {
+        /// Which file.
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+        /// What it should hold.
+        expected: &'static str,
+    },
+    /// The key is not the one the certificate was issued for.
+    #[error(
+        "the TLS private key {} does not match the certificate {}; expected the key the \
+         certificate was issued for",
+        key.display(), cert.display()
+    )]
+    KeyMismatch {
+        /// The certificate file.
+        cert: PathBuf,
+        /// The key file.
+        key: PathBuf,
+    },
+    /// rustls refused the pair for another reason (an unsupported key type, a certificate
+    /// that does not parse).
+    #[error(
+        "cannot serve TLS with the certificate {} and the key {}: {reason}",
+        cert.display(), key.display()
+    )]
+    Unusable {
+        /// The certificate file.
+        cert: PathBuf,
+        /// The key file.
+        key: PathBuf,
+        /// rustls's reason.
+        reason: String,
+    },
+}
+
+fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn pem_problem(e: &pem::Error) -> String {
+    match e {
+        pem::Error::NoItemsFound => "holds none".to_string(),
+        pem::Error::MissingSectionEnd { .. } => "has a PEM section with no END line".to_string(),
+        pem::Error::IllegalSectionStart { .. } => "has a malformed BEGIN line".to_string(),
+        pem::Error::Base64Decode(e) => format!("has a PEM section that is not base64 ({e})"),
+        e => format!("is not valid PEM ({e:?})"),
+    }
+}
+
+/// Every certificate in a PEM file, in order; at least one.
+fn load_certificates(
+    what: &'static str,
+    path: &Path,
+    expected: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let invalid = |problem: String| TlsError::Invalid {
+        what,
+        path: path.to_path_buf(),
+        problem,
+        expected,
+    };
+    let bytes = read(what, path)?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid(pem_problem(&e)))?;
+    if certs.is_empty() {
+        return Err(invalid("holds no certificate".to_string()));
+    }
+    Ok(certs)
+}
+
+fn load_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    const WHAT: &str = "TLS private key";
+    let bytes = read(WHAT, path)?;
+    PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| TlsError::Invalid {
+        what: WHAT,
+        path: path.to_path_buf(),
+        problem: match e {
+            pem::Error::NoItemsFound => "holds no private key".to_string(),
+            e => pem_problem(&e),
+        },
+        expected: KEY_EXPECTED,
+    })
+}
+
+/// The rustls configuration for serving with the certificate chain in `cert` and its key in
+/// `key` (both PEM), HTTP/1.1 only (the only protocol the server speaks).
+pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let chain = load_certificates("TLS certificate", cert, CERT_EXPECTED)?;
+    let private_key = load_private_key(key)?;
+    let unusable = |e: rustls::Error| match e {
+        rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+            TlsError::KeyMismatch {
+                cert: cert.to_path_buf(),
+                key: key.to_path_buf(),
+            }
+        }
+        e => TlsError::Unusable {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            reason: e.to_string(),
+        },
+    };
+    // The provider is named rather than taken from the process default: reqwest's rustls is
+    // built with ring only, and so is this one.
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(unusable)?
+    .with_no_client_auth()
+    .with_single_cert(chain, private_key)
+    .map_err(unusable)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The CA certificates of a PEM bundle, each checked to be usable as a trust anchor.
+pub fn load_ca_bundle(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    const WHAT: &str = "CA bundle";
+    let certs = load_certificates(WHAT, path, CA_EXPECTED)?;
+    let mut roots = rustls::RootCertStore::empty();
+    for (i, cert) in certs.iter().enumerate() {
+        roots.add(cert.clone()).map_err(|e| TlsError::Invalid {
+            what: WHAT,
+            path: path.to_path_buf(),
+            problem: format!(
+                "has a certificate (number {}) that is not usable: {e}",
+                i + 1
+            ),
+            expected: CA_EXPECTED,
+        })?;
+    }
+    Ok(certs)
+}
+
+/// The one place every HTTP client of this binary starts from (agent to agent, agent to
+/// controller, controller to agent, the CLI). With `ca`, the CAs of that bundle are the
+/// *only* trust anchors: a cluster's own CA signs the node certificates, and a public CA
+/// that would also be trusted could issue a certificate for a node's name to anyone. Without
+/// it, the built-in web PKI roots, as before.
+pub fn client_builder(ca: Option<&Path>) -> Result<reqwest::ClientBuilder, TlsError> {
+    let mut builder = reqwest::Client::builder().use_rustls_tls();
+    if let Some(path) = ca {
+        builder = builder.tls_built_in_root_certs(false);
+        for cert in load_ca_bundle(path)? {
+            let cert = reqwest::Certificate::from_der(&cert).map_err(|e| TlsError::Invalid {
+                what: "CA bundle",
+                path: path.to_path_buf(),
+                problem: format!("has a certificate reqwest refuses: {e}"),
+                expected: CA_EXPECTED,
+            })?;
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    Ok(builder)
+}
+
+/// A TCP listener that hands axum only connections whose TLS handshake succeeded.
+///
+/// Handshakes run as their own tasks, so one slow or hostile client does not hold up the
+/// others; a failed one is logged at debug and forgotten.
+pub struct TlsListener {
+    tcp: TcpListener,
+    acceptor: TlsAcceptor,
+    handshakes: JoinSet<(SocketAddr, io::Result<TlsStream<TcpStream>>)>,
+}
+
+impl TlsListener {
+    /// Serves TLS with `config` on an already bound listener.
+    pub fn new(tcp: TcpListener, config: Arc<rustls::ServerConfig>) -> Self {
+        Self {
+            tcp,
+            acceptor: TlsAcceptor::from(config),
+            handshakes: JoinSet::new(),
+        }
+    }
+
+    fn handshake(&mut self, stream: TcpStream, peer: SocketAddr) {
+        let acceptor = self.acceptor.clone();
+        self.handshakes.spawn(async move {
+            let result = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}"),
+                    ))
+                });
+            (peer, result)
+        });
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let room = self.handshakes.len() < MAX_HANDSHAKES;
+            tokio::select! {
+                accepted = self.tcp.accept(), if room => match accepted {
+                    Ok((stream, peer)) => self.handshake(stream, peer),
+                    Err(e) => accept_failed(e).await,
+                },
+                Some(done) = self.handshakes.join_next() => match done {
+                    Ok((peer, Ok(stream))) => return (stream, peer),
+                    Ok((peer, Err(e))) => debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(e) => debug!(error = %e, "TLS handshake task ended abnormally"),
+                },
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        self.tcp.local_addr()
+    }
+}
+
+/// A peer that gave up before its connection was accepted is routine; anything else (out of
+/// file descriptors) is worth an error, and a pause so the loop does not spin on it.
+async fn accept_failed(e: io::Error) {
+    if matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
+    ) {
+        debug!(error = %e, "connection closed before it was accepted");
+        return;
+    }
+    error!(error = %e, "cannot accept connections; retrying in 1s");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOT_PEM: &str = "this is not a certificate\n";
+
+    fn write(dir: &Path, name: &str, contents: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, contents).expect("write");
+        path
+    }
+
+    /// A self-signed certificate and its key, and a second key that does not match it.
+    fn pair() -> (String, String, String) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert");
+        let other = rcgen::KeyPair::generate().expect("other key");
+        (cert.pem(), key.serialize_pem(), other.serialize_pem())
+    }
+
+    #[test]
+    fn a_matching_pair_loads() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (cert, key, _) = pair();
+        let config = server_config(
+            &write(dir.path(), "cert.pem", &cert),
+            &write(dir.path(), "key.pem", &key),
+        )
+        .expect("config");
+        assert_eq!(config.alpn_protocols, vec![b"http/1.1".to_vec()]);
+        assert_eq!(
+            load_ca_bundle(&write(dir.path(), "ca.pem", &(cert.clone() + &cert)))
+                .expect("bundle")
+                .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn bad_files_are_named_with_what_was_expected() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (cert, key, other) = pair();
+        let cert_path = write(dir.path(), "cert.pem", &cert);
+        let key_path = write(dir.path(), "key.pem", &key);
+        let not_pem = write(dir.path(), "not.pem", NOT_PEM);
+        let truncated = write(
+            dir.path(),
+            "truncated.pem",
+            &cert[..cert.find("-----END").expect("end")],
+        );
+        let missing = dir.path().join("missing.pem");
+        let message = |r: Result<Arc<rustls::ServerConfig>, TlsError>| {
+            r.expect_err("should fail").to_string()
+        };
+
+        let e = message(server_config(&missing, &key_path));
+        assert!(
+            e.contains("cannot read the TLS certificate") && e.contains("missing.pem"),
+            "{e}"
+        );
+        let e = message(server_config(&not_pem, &key_path));
+        assert!(
+            e.contains("not.pem holds no certificate") && e.contains("BEGIN CERTIFICATE"),
+            "{e}"
+        );
+        let e = message(server_config(&truncated, &key_path));
+        assert!(
+            e.contains("truncated.pem has a PEM section with no END line"),
+            "{e}"
+        );
+        // The two files swapped: the certificate file holds no key.
+        let e = message(server_config(&key_path, &cert_path));
+        assert!(
+            e.contains("TLS certificate") && e.contains("key.pem"),
+            "{e}"
+        );
+        let e = message(server_config(&cert_path, &cert_path));
+        assert!(
+            e.contains("TLS private key") && e.contains("holds no private key"),
+            "{e}"
+        );
+        assert!(e.contains("BEGIN PRIVATE KEY"), "{e}");
+
+        let other_path = write(dir.path(), "other.pem", &other);
+        match server_config(&cert_path, &other_path) {
+            Err(e @ TlsError::KeyMismatch { .. }) => {
+                let e = e.to_string();
+                assert!(e.contains("other.pem") && e.contains("cert.pem"), "{e}");
+            }
+            other => panic!("expected a key mismatch, got {other:?}"),
+        }
+
+        let e = load_ca_bundle(&not_pem)
+            .expect_err("not a bundle")
+            .to_string();
+        assert!(e.contains("CA bundle") && e.contains("not.pem"), "{e}");
+        let e = client_builder(Some(&missing))
+            .expect_err("missing bundle")
+            .to_string();
+        assert!(e.contains("cannot read the CA bundle"), "{e}");
+    }
+}
