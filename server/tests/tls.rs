@@ -102,6 +102,11 @@ fn command(pki: &Pki) -> Command {
     ] {
         cmd.env_remove(var);
     }
+    // Each server a state dir of its own (a controller's journal is locked to one process,
+    // and remembers the nodes), unless the test names one with --state-dir.
+    static STATE_DIRS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = STATE_DIRS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    cmd.env("MIG_STATE_DIR", pki.dir.path().join(format!("state-{n}")));
     // Plain log lines (no colours) in the log files the tests read.
     cmd.env("RUST_LOG", "info,mig_server=debug")
         .env("NO_COLOR", "1")
