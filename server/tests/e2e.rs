@@ -5,6 +5,9 @@
 //! Skips with one line when prerequisites are missing; `MIG_E2E_REQUIRED=1` makes that a
 //! failure.
 
+#[path = "support/pki.rs"]
+mod pki;
+
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -221,9 +224,25 @@ impl Drop for Agent {
     }
 }
 
-/// HTTP through curl inside `netns`: (status, body).
+/// The controller (node01's server) in plain HTTP.
+const PLAIN_API: &str = "http://10.231.0.1:7070";
+
+/// HTTP to the plain controller through curl inside `netns`: (status, body).
 fn http(netns: &str, method: &str, path: &str, body: Option<&Value>, token: bool) -> (u16, Value) {
-    let url = format!("http://10.231.0.1:7070{path}");
+    http_at(netns, PLAIN_API, None, method, path, body, token)
+}
+
+/// HTTP through curl inside `netns` to `base` (trusting `ca` for https): (status, body).
+fn http_at(
+    netns: &str,
+    base: &str,
+    ca: Option<&Path>,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    token: bool,
+) -> (u16, Value) {
+    let url = format!("{base}{path}");
     let mut cmd = Command::new("ip");
     cmd.args([
         "netns",
@@ -238,6 +257,9 @@ fn http(netns: &str, method: &str, path: &str, body: Option<&Value>, token: bool
         "-w",
         "\n%{http_code}",
     ]);
+    if let Some(ca) = ca {
+        cmd.arg("--cacert").arg(ca);
+    }
     if token {
         cmd.args(["-H", &format!("Authorization: Bearer {TOKEN}")]);
     }
@@ -259,9 +281,21 @@ fn http(netns: &str, method: &str, path: &str, body: Option<&Value>, token: bool
 }
 
 fn wait_terminal(netns: &str, id: &str) -> Value {
+    wait_terminal_at(netns, PLAIN_API, None, id)
+}
+
+fn wait_terminal_at(netns: &str, base: &str, ca: Option<&Path>, id: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let (_, m) = http(netns, "GET", &format!("/migrations/{id}"), None, false);
+        let (_, m) = http_at(
+            netns,
+            base,
+            ca,
+            "GET",
+            &format!("/migrations/{id}"),
+            None,
+            false,
+        );
         if ["done", "failed", "rolled_back"].contains(&m["phase"].as_str().unwrap_or("")) {
             return m;
         }
@@ -382,6 +416,9 @@ struct Cluster {
     state_b: PathBuf,
     a_args: Vec<String>,
     b_args: Vec<String>,
+    /// The controller's base URL, and the CA to trust when it is https.
+    api: String,
+    ca: Option<PathBuf>,
     work: tempfile::TempDir,
 }
 
@@ -389,6 +426,12 @@ impl Cluster {
     /// Starts it, with `env` added to both nodes' (and so their shims') environment and
     /// `image` imported on both.
     fn start(env: &[(&str, &str)], image: &TestImage) -> Self {
+        Self::start_with(env, image, false)
+    }
+
+    /// As [`Cluster::start`]; with `tls`, both servers serve TLS with certificates of a CA
+    /// made for the test (node01 for 10.231.0.1, node02 for 10.231.0.2), and trust only it.
+    fn start_with(env: &[(&str, &str)], image: &TestImage, tls: bool) -> Self {
         let work = tempfile::tempdir().expect("tmp");
         let ns = unique_namespace("mig");
         let node = |name: &str, state: &Path| {
@@ -413,6 +456,8 @@ impl Cluster {
         a.import(image).expect("import");
         b.import(image).expect("import");
         let net = Net::new();
+        // node02's TLS flags, when the cluster serves TLS (added below, with node01's).
+        let mut b_args_tls: Vec<String> = Vec::new();
         let a_sock = a.address().display().to_string();
         let b_sock = b.address().display().to_string();
         let (sa, sb) = (state_a.display().to_string(), state_b.display().to_string());
@@ -435,6 +480,31 @@ impl Cluster {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        let mut a_args = a_args;
+        let (api, ca, controller) = if tls {
+            let ca = pki::TestCa::new(work.path(), "ca");
+            for (args, name, ip) in [
+                (&mut a_args, "node01", "10.231.0.1"),
+                (&mut b_args_tls, "node02", "10.231.0.2"),
+            ] {
+                let (cert, key) = ca.issue(name, &[ip]);
+                for (flag, file) in [
+                    ("--tls-cert", &cert),
+                    ("--tls-key", &key),
+                    ("--tls-ca", &ca.cert),
+                ] {
+                    args.push(flag.into());
+                    args.push(file.display().to_string());
+                }
+            }
+            (
+                "https://10.231.0.1:7070",
+                Some(ca.cert),
+                "https://10.231.0.1:7070",
+            )
+        } else {
+            (PLAIN_API, None, PLAIN_API)
+        };
         let agent_a = Agent::start(&net.a, &strs(&a_args), &work.path().join("agent-a.log"));
         let b_args: Vec<String> = [
             "--role",
@@ -444,7 +514,7 @@ impl Cluster {
             "--node-name",
             "node02",
             "--controller",
-            "http://10.231.0.1:7070",
+            controller,
             "--containerd-address",
             &b_sock,
             "--namespace",
@@ -454,10 +524,11 @@ impl Cluster {
         ]
         .iter()
         .map(|s| s.to_string())
+        .chain(b_args_tls)
         .collect();
         let agent_b = Agent::start(&net.b, &strs(&b_args), &work.path().join("agent-b.log"));
         let deadline = Instant::now() + Duration::from_secs(30);
-        while http(&net.a, "GET", "/nodes", None, false)
+        while http_at(&net.a, api, ca.as_deref(), "GET", "/nodes", None, false)
             .1
             .as_array()
             .map_or(0, Vec::len)
@@ -476,8 +547,20 @@ impl Cluster {
             state_b,
             a_args,
             b_args,
+            api: api.to_string(),
+            ca,
             work,
         }
+    }
+
+    /// A request to the controller, over https when the cluster serves TLS.
+    fn api(&self, method: &str, path: &str, body: Option<&Value>, token: bool) -> (u16, Value) {
+        let ca = self.ca.as_deref();
+        http_at(&self.net.a, &self.api, ca, method, path, body, token)
+    }
+
+    fn wait_terminal(&self, id: &str) -> Value {
+        wait_terminal_at(&self.net.a, &self.api, self.ca.as_deref(), id)
     }
 
     /// Runs `args` from `image` on node01 with our runtime, no IO, as the container `counter`
@@ -697,6 +780,67 @@ fn migrate_between_two_nodes_with_faults() {
 /// A DMTCP workload through `POST /migrate`: the destination creates it ahead of its
 /// checkpoint (the shim defers DMTCP's wrapping and restart to start), it resumes there with
 /// its memory, and nothing of it is left on the origin.
+/// The same migration with both servers serving TLS and trusting only the test's CA: the API,
+/// the registration, the agents' calls and the checkpoint stream all go over https.
+#[test]
+fn migration_over_tls() {
+    const TEST: &str = "migration_over_tls";
+    if !prerequisites(TEST) {
+        return;
+    }
+    for tool in ["criu", "curl", "ip"] {
+        if mig_e2e::prereq::find_on_path(tool).is_none() {
+            return skip(TEST, &format!("`{tool}` is not on PATH"));
+        }
+    }
+    let image = TestImage::busybox().expect("image");
+    let c = Cluster::start_with(&[], &image, true);
+    let (_, nodes) = c.api("GET", "/nodes", None, false);
+    for node in nodes.as_array().expect("nodes") {
+        let address = node["address"].as_str().unwrap_or_default();
+        assert!(address.starts_with("https://"), "{nodes}");
+    }
+    // Plain HTTP to the TLS port gets no answer.
+    assert_eq!(http(&c.net.a, "GET", "/healthz", None, false).0, 0);
+    c.run_counter(
+        &image,
+        &[
+            "sh",
+            "-c",
+            "i=0; while :; do i=$((i+1)); echo $i > /count; sleep 0.1; done",
+        ],
+    );
+    thread::sleep(Duration::from_millis(500));
+    let before = count(&c.a, "counter");
+    let migrate = json!({"deployment": "counter", "originNode": "node01", "destNode": "node02"});
+    let (s, m) = c.api("POST", "/migrate", Some(&migrate), true);
+    assert_eq!(s, 202, "{m}");
+    let m = c.wait_terminal(m["id"].as_str().expect("id"));
+    assert_eq!(m["phase"], "done", "{m}");
+    assert!(m["bytesTransferred"].as_u64().unwrap_or(0) > 0, "{m}");
+    c.b.wait_for_status("counter", "RUNNING", Duration::from_secs(10))
+        .expect("running on b");
+    thread::sleep(Duration::from_millis(500));
+    let after = count(&c.b, "counter");
+    assert!(
+        after > before,
+        "counter restarted on the destination: {before} -> {after}"
+    );
+    for log in ["agent-a.log", "agent-b.log"] {
+        let text = std::fs::read_to_string(c.work.path().join(log)).unwrap_or_default();
+        assert!(
+            !text.contains("TLS is off"),
+            "{log} says TLS is off:\n{text}"
+        );
+    }
+    // Both nodes share one containerd namespace (see kill_the_controller_mid_migration):
+    // remove the counter here.
+    c.b.ctr_ok(&["tasks", "rm", "-f", "counter"])
+        .expect("rm task");
+    c.b.ctr_ok(&["containers", "rm", "counter"])
+        .expect("rm container");
+}
+
 #[test]
 fn dmtcp_workload_migrates_through_the_server() {
     const TEST: &str = "dmtcp_workload_migrates_through_the_server";
