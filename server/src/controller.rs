@@ -589,9 +589,17 @@ impl Controller {
         reason: String,
     ) {
         warn!(migration = %id, %reason, "migration failed; recovering");
-        // The origin first: its restart is the downtime, and it does not depend on the
-        // destination, which may be dead (and make the abort wait for its timeout).
         let mut recovery = Vec::new();
+        // Once the destination was asked to restore, it may run the workload even though the
+        // call failed (a lost answer, a timeout): it is cleared first, so that the origin
+        // never resumes beside a copy. Before that, the origin first: its restart is the
+        // downtime, and it does not depend on the destination, which may be dead (and make
+        // the abort wait for its timeout).
+        let restoring = self.migration(id).map(|m| m.phase) == Some(Phase::Restoring);
+        let mut dest_cleared = None;
+        if restoring {
+            dest_cleared = Some(self.abort_destination(dest, req, &mut recovery).await);
+        }
         // Also after a failed checkpoint: with several containers some may have stopped.
         let restored = match self.nodes_api.rollback(origin, req).await {
             Ok(report) => {
@@ -605,14 +613,18 @@ impl Controller {
                 false
             }
         };
-        // Whatever failed, the destination may hold containers created ahead of the
-        // checkpoint, or received data.
-        match self.nodes_api.abort(dest, req).await {
-            Ok(report) if report.done.is_empty() => {
-                recovery.push(format!("nothing to clean on {}", dest.name));
+        match dest_cleared {
+            Some(false) if restored => recovery.push(format!(
+                "WARNING: {} could not be cleared after it was asked to restore; if its \
+                 restore started the workload, it runs there too: check that node",
+                dest.name
+            )),
+            Some(_) => {}
+            // Whatever failed, the destination may hold containers created ahead of the
+            // checkpoint, or received data.
+            None => {
+                self.abort_destination(dest, req, &mut recovery).await;
             }
-            Ok(report) => recovery.extend(report.done),
-            Err(e) => recovery.push(format!("cleaning the destination failed: {e}")),
         }
         self.update(id, |m| {
             if let Err(e) = m.fail(reason, recovery, restored) {
@@ -620,5 +632,29 @@ impl Controller {
             }
         });
         self.finished(id);
+    }
+
+    /// Removes what the destination holds of the migration (containers created ahead, data
+    /// received, a restored workload); says what in `recovery`. Whether it answered.
+    async fn abort_destination(
+        &self,
+        dest: &NodeInfo,
+        req: &ContainersRequest,
+        recovery: &mut Vec<String>,
+    ) -> bool {
+        match self.nodes_api.abort(dest, req).await {
+            Ok(report) if report.done.is_empty() => {
+                recovery.push(format!("nothing to clean on {}", dest.name));
+                true
+            }
+            Ok(report) => {
+                recovery.extend(report.done);
+                true
+            }
+            Err(e) => {
+                recovery.push(format!("cleaning the destination failed: {e}"));
+                false
+            }
+        }
     }
 }

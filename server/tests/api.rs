@@ -22,11 +22,18 @@ const TOKEN: &str = "test-token-0123456789";
 const RUNTIME: &str = "io.containerd.mig.v2";
 const NS: &str = "default";
 
+/// One clock for the calls of every fake node, to check the order between nodes.
+static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 #[derive(Default)]
 struct FakeState {
     containers: BTreeMap<String, (ContainerInfo, Option<TaskStatus>)>,
     calls: Vec<String>,
     fail_restore: bool,
+    /// The restore takes effect (the task runs) but its answer says it failed: a lost reply.
+    restore_runs_but_fails: bool,
+    /// Calls with their place in one order shared by all fakes (see [`SEQ`]).
+    ordered: Vec<(usize, String)>,
     fail_checkpoint: bool,
     kill_delay: Duration,
     payload_len: usize,
@@ -199,9 +206,11 @@ impl Containerd for FakeContainerd {
 
     async fn start_task(&self, ns: &str, id: &str) -> Result<(), ContainerdError> {
         let identity = WorkloadIdentity::container(ns, id).expect("identity");
-        let fail = self.with(|s| {
+        let (fail, runs_but_fails) = self.with(|s| {
             s.calls.push(format!("start {id}"));
-            s.fail_restore
+            let at = SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            s.ordered.push((at, format!("start {id}")));
+            (s.fail_restore, s.restore_runs_but_fails)
         });
         if self.status(id).is_none() {
             return Err(Self::not_found(id));
@@ -221,12 +230,20 @@ impl Containerd for FakeContainerd {
                 c.1 = Some(TaskStatus::Running);
             }
         });
+        if runs_but_fails {
+            return Err(ContainerdError::Command {
+                command: "start".into(),
+                message: "reply lost".into(),
+            });
+        }
         Ok(())
     }
 
     async fn delete_task(&self, _ns: &str, id: &str, _force: bool) -> Result<(), ContainerdError> {
         self.with(|s| {
             s.calls.push(format!("delete-task {id}"));
+            let at = SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            s.ordered.push((at, format!("delete-task {id}")));
             match s.containers.get_mut(id) {
                 Some(c) => {
                     c.1 = None;
@@ -712,6 +729,33 @@ async fn restore_failure_cleans_the_destination_and_rolls_back() {
     );
     assert!(dir_is_empty(&c.dest.state_dir.join("migrations")));
     assert_eq!(c.origin.status("counter"), Some(Some(TaskStatus::Running)));
+}
+
+/// A restore that took effect although its call failed: the destination's copy is removed
+/// before the origin resumes, so the workload never runs on both nodes.
+#[tokio::test]
+async fn a_failed_restore_is_cleared_on_the_destination_before_the_origin_resumes() {
+    let c = cluster().await;
+    c.dest.with(|s| s.restore_runs_but_fails = true);
+    let (_, body) = c.migrate(counter_to("node02")).await;
+    let m = c.wait_terminal(body["id"].as_str().expect("id")).await;
+    assert_eq!(m["phase"], "rolled_back", "{m}");
+    assert_eq!(m["failure"]["phase"], "restoring", "{m}");
+    assert_eq!(
+        c.dest.status("counter"),
+        None,
+        "the copy on the destination is left"
+    );
+    assert_eq!(c.origin.status("counter"), Some(Some(TaskStatus::Running)));
+    let find = |fake: &FakeContainerd, call: &str| {
+        fake.with(|s| s.ordered.iter().find(|(_, c)| c == call).map(|(at, _)| *at))
+    };
+    let cleared = find(&c.dest, "delete-task counter").expect("destination cleared");
+    let resumed = find(&c.origin, "start counter").expect("origin resumed");
+    assert!(
+        cleared < resumed,
+        "the origin resumed before the destination's copy was removed"
+    );
 }
 
 #[tokio::test]
