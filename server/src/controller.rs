@@ -105,7 +105,7 @@ pub struct Controller {
     pub(crate) active: Mutex<HashMap<(String, Target), String>>,
     counter: AtomicU64,
     /// Kubernetes mode: deployments are resolved and moved through the API server.
-    kube: Option<KubeSettings>,
+    pub(crate) kube: Option<KubeSettings>,
     /// Where records and nodes are made durable; `None` keeps them in memory only.
     pub(crate) journal: Option<Journal>,
     /// Migrations found unfinished in the journal at start, which

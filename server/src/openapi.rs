@@ -45,6 +45,9 @@ pub fn document() -> Value {
                     "destinationRunning": {"type": "boolean", "description": "the destination reported the workload running"},
                     "kubernetes": {"type": "object", "description": "Kubernetes mode only", "properties": {
                         "deployment": {"type": "string"}, "replicas": {"type": "integer"},
+                        "selector": {"type": "string", "description": "the Deployment's label selector"},
+                        "identities": {"type": "array", "items": {"type": "object"}, "description": "the workload identities of its containers (the checkpoints' names)"},
+                        "stage": {"type": "string", "enum": ["before_stop", "stopped", "scaled_up"], "description": "how far the driver got (journaled before each patch; decides a recovery)"},
                         "oldPods": {"type": "array", "items": {"type": "string"}},
                         "newPods": {"type": "array", "items": {"type": "string"}},
                         "stateRestored": {"type": "boolean"},

@@ -19,6 +19,10 @@
 //! destination is cleaned before the origin restores, so the two never run the workload
 //! together. Nodes come from the journaled registry; one not there yet is waited for, up to
 //! the migration timeout, as agents register again.
+//!
+//! A Kubernetes-mode migration is resolved from its journaled plan and stage by
+//! [`crate::kube`]'s driver (`kube/resume.rs`); one journaled before plans were (or found by a
+//! controller not in Kubernetes mode) is only reported, naming what to check.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -28,6 +32,7 @@ use tracing::{info, warn};
 
 use crate::containerd::TaskStatus;
 use crate::controller::{Controller, lock};
+use crate::kube::migrate::{KubeSettings, Plan};
 use crate::migration::{Migration, Phase};
 use crate::node_client::NodeCallError;
 use crate::protocol::ContainersRequest;
@@ -48,14 +53,27 @@ impl Controller {
     /// Resolves, each in a background task, the migrations the journal held unfinished when
     /// this controller started ([`Controller::with_journal`]). Their outcome is in their
     /// records, logs and metrics like any other migration's.
+    ///
+    /// A controller in Kubernetes mode ([`Controller::with_kube`]) resumes its interrupted
+    /// Kubernetes migrations from their journaled plan and stage; without it they are
+    /// reported, not resumed.
     pub fn resume_interrupted(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
+        self.resume_all(self.kube.clone())
+    }
+
+    fn resume_all(
+        self: &Arc<Self>,
+        kube: Option<KubeSettings>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
         let ids = std::mem::take(&mut *lock(&self.interrupted));
         ids.into_iter()
             .map(|id| {
                 let this = Arc::clone(self);
+                let kube = kube.clone();
                 tokio::spawn(async move {
+                    // The claim `with_journal` took stays until the migration is resolved.
                     let key = this.migration(&id).map(|m| (m.namespace, m.target));
-                    this.resume(&id).await;
+                    this.resume(&id, kube.as_ref()).await;
                     if let Some(key) = key {
                         let mut active = lock(&this.active);
                         if active.get(&key) == Some(&id) {
@@ -67,7 +85,7 @@ impl Controller {
             .collect()
     }
 
-    async fn resume(&self, id: &str) {
+    async fn resume(&self, id: &str, kube: Option<&KubeSettings>) {
         let Some(record) = self.migration(id) else {
             return;
         };
@@ -75,9 +93,18 @@ impl Controller {
         warn!(migration = %id, phase = record.phase.as_str(), origin = %record.origin_node,
               dest = %record.dest_node, "resolving a migration interrupted by a controller restart");
         if let Some(k) = &record.kubernetes {
+            if let (Some(kube), Some(plan)) = (kube, Plan::from_record(&record)) {
+                return self.resume_kube(kube, plan, &record, why).await;
+            }
+            let not = if kube.is_none() {
+                "this controller is not in Kubernetes mode"
+            } else {
+                "its record has no journaled plan (written by an older controller)"
+            };
             let recovery = vec![format!(
-                "Kubernetes-mode migrations are not resumed: check deployment {}/{} (replicas, \
-                 node affinity) and the migration marks and checkpoints of its pod on {} and {}",
+                "Kubernetes-mode migration not resumed ({not}): check deployment {}/{} \
+                 (replicas, node affinity) and the migration marks and checkpoints of its pod \
+                 on {} and {}",
                 record.namespace, k.deployment, record.origin_node, record.dest_node
             )];
             return self.conclude(id, why, recovery, false);
@@ -222,7 +249,7 @@ impl Controller {
     }
 
     /// Ends an interrupted migration as failed or rolled back.
-    fn conclude(&self, id: &str, reason: String, recovery: Vec<String>, restored: bool) {
+    pub(crate) fn conclude(&self, id: &str, reason: String, recovery: Vec<String>, restored: bool) {
         warn!(migration = %id, %reason, ?recovery, "interrupted migration resolved");
         self.update(id, |m| {
             if let Err(e) = m.fail(reason, recovery, restored) {
@@ -262,7 +289,7 @@ impl Controller {
 
     /// The node `name` once it is registered (the journal's registry, or an agent registering
     /// again), or `None` past `deadline`.
-    async fn wait_node(&self, name: &str, deadline: Instant) -> Option<NodeInfo> {
+    pub(crate) async fn wait_node(&self, name: &str, deadline: Instant) -> Option<NodeInfo> {
         let mut logged = false;
         loop {
             if let Ok(node) = self.node(name, "") {

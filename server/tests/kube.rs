@@ -4,6 +4,10 @@
 //! to the destination runs the new pod, which consumes the checkpoint the agent received.
 //! Real controller, node agents, HttpNodes and HttpKube over HTTP. A real cluster is the only
 //! end-to-end check of this path.
+//!
+//! The restart tests stop a controller at each stage of a migration (the fake API hangs on a
+//! Deployment patch, before or after making it; the controller's runtime is then shut down,
+//! like a process that dies) and start another on the same journal.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -19,10 +23,16 @@ use mig_server::agent_routes::AgentState;
 use mig_server::auth::Token;
 use mig_server::containerd::{ContainerInfo, Containerd, ContainerdError, TaskStatus};
 use mig_server::controller::{Controller, ControllerConfig, ControllerError, MigrateRequest};
+use mig_server::journal::Journal;
 use mig_server::kube::client::{HttpKube, KubeConfig};
-use mig_server::kube::{pin_patch, scale_patch};
-use mig_server::migration::{Migration, Phase};
-use mig_server::node_client::HttpNodes;
+use mig_server::kube::migrate::KubeSettings;
+use mig_server::kube::{
+    Deployment, KubeIdentity, KubeReport, KubeStage, WorkloadAction, WorkloadsRequest, pin_patch,
+    scale_patch,
+};
+use mig_server::migration::{Migration, Phase, Target};
+use mig_server::node_client::{HttpNodes, NodeApi};
+use mig_server::registry::NodeInfo;
 use serde_json::Value;
 
 const TOKEN: &str = "test-token-0123456789";
@@ -81,24 +91,48 @@ fn unused(id: &str) -> ContainerdError {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Cluster {
-    Running,
-    ScaledDown,
-    Pinned,
+/// Where the fake API stops answering: on the Deployment patch equal to `patch`, before or
+/// after making it.
+#[derive(Debug, Clone, PartialEq)]
+struct Hang {
+    patch: Value,
+    after: bool,
 }
 
 struct ApiState {
-    cluster: Cluster,
+    /// The Deployment as the API holds it: the recorded one, with every patch merged in.
+    deployment: Value,
     /// method, path?query, content-type, body
     requests: Vec<(String, String, String, String)>,
     origin_state: PathBuf,
     dest_state: PathBuf,
     /// The origin's "shim" ignores the mark (a checkpoint that never happens).
     shim_broken: bool,
+    /// The new pod on the destination never becomes ready.
+    dest_never_ready: bool,
     /// What the destination's store held when the new pod's container was created.
     restored_from: Option<WorkloadIdentity>,
-    replicas: i64,
+    hang: Option<Hang>,
+    /// A request hung where `hang` said.
+    hung: bool,
+    /// A Deployment patch the API refuses (500), without making it.
+    refuse: Option<Value>,
+}
+
+/// RFC 7386 JSON merge patch.
+fn merge(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (t, p) => *t = p.clone(),
+    }
 }
 
 fn identity() -> WorkloadIdentity {
@@ -106,6 +140,12 @@ fn identity() -> WorkloadIdentity {
 }
 
 impl ApiState {
+    /// Replicas and the node the Deployment is pinned to, as the controller reads them.
+    fn deployment_state(&self) -> (i32, Option<String>) {
+        let d: Deployment = serde_json::from_value(self.deployment.clone()).expect("deployment");
+        (d.replicas(), d.pinned_to().map(String::from))
+    }
+
     /// The kubelet stops the origin pod: StopContainer -> the shim checkpoints when marked.
     fn stop_origin_pod(&mut self) {
         let mark = self
@@ -142,7 +182,35 @@ async fn fake_api(
     headers: HeaderMap,
     body: Bytes,
 ) -> axum::response::Response {
-    let mut s = state.lock().expect("lock");
+    let (response, hang) = {
+        let mut s = state.lock().expect("lock");
+        let hang = match &s.hang {
+            Some(h) if method == Method::PATCH => {
+                serde_json::from_slice::<Value>(&body).ok().as_ref() == Some(&h.patch)
+            }
+            _ => false,
+        };
+        let apply = !hang || s.hang.as_ref().is_some_and(|h| h.after);
+        let response = answer(&mut s, &method, &uri, &headers, &body, apply);
+        s.hung |= hang;
+        (response, hang)
+    };
+    if hang {
+        // The controller waits for an answer until it dies.
+        std::future::pending::<()>().await;
+    }
+    response
+}
+
+/// What the API answers; `apply`: the request takes effect (a patch is made).
+fn answer(
+    s: &mut ApiState,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &Bytes,
+    apply: bool,
+) -> axum::response::Response {
     let path_query = uri.to_string();
     let content_type = headers
         .get("content-type")
@@ -153,7 +221,7 @@ async fn fake_api(
         method.to_string(),
         path_query.clone(),
         content_type,
-        String::from_utf8_lossy(&body).into(),
+        String::from_utf8_lossy(body).into(),
     ));
     if headers.get("authorization").and_then(|v| v.to_str().ok())
         != Some(&format!("Bearer {API_TOKEN}"))
@@ -163,36 +231,46 @@ async fn fake_api(
     let deployments = "/apis/apps/v1/namespaces/default/deployments/";
     let json = |v: Value| axum::Json(v).into_response();
     match (method.as_str(), uri.path()) {
-        ("GET", p) if p == format!("{deployments}mosquitto") => {
-            let mut d = fixture("deployment.json");
-            d["spec"]["replicas"] = s.replicas.into();
-            json(d)
-        }
+        ("GET", p) if p == format!("{deployments}mosquitto") => json(s.deployment.clone()),
         ("GET", p) if p.starts_with(deployments) => (
             StatusCode::NOT_FOUND,
             axum::Json(fixture("status-not-found.json")),
         )
             .into_response(),
         ("PATCH", p) if p == format!("{deployments}mosquitto") => {
-            let patch: Value = serde_json::from_slice(&body).expect("patch json");
-            if patch == scale_patch(0) {
-                s.stop_origin_pod();
-                s.cluster = Cluster::ScaledDown;
-            } else if patch["spec"]["template"]["spec"]["affinity"].is_object() {
-                s.cluster = Cluster::Pinned;
+            let patch: Value = serde_json::from_slice(body).expect("patch json");
+            if s.refuse.as_ref() == Some(&patch) {
+                return (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    axum::Json(serde_json::json!({"kind": "Status", "message": "etcdserver: request timed out"})),
+                )
+                    .into_response();
+            }
+            if apply {
+                merge(&mut s.deployment, &patch);
+                if patch == scale_patch(0) {
+                    s.stop_origin_pod();
+                }
             }
             json(fixture("deployment-patched.json"))
         }
         ("GET", "/api/v1/namespaces/default/pods") => {
             let query = uri.query().unwrap_or("");
             let on = |node: &str| query.contains(&format!("spec.nodeName%3D{node}"));
-            let list = match s.cluster {
-                Cluster::Running if on("node01") => fixture("pods-origin.json"),
-                Cluster::Pinned if on("node02") => {
-                    s.start_dest_pod();
-                    fixture("pods-dest-running.json")
+            // The pod runs where the Deployment puts it: the origin unless pinned elsewhere.
+            let (replicas, pinned) = s.deployment_state();
+            let node = pinned.unwrap_or_else(|| "node01".into());
+            let list = if replicas == 0 || !on(&node) {
+                fixture("pods-empty.json")
+            } else if node == "node01" {
+                fixture("pods-origin.json")
+            } else {
+                s.start_dest_pod();
+                let mut pods = fixture("pods-dest-running.json");
+                if s.dest_never_ready {
+                    pods["items"][0]["status"]["containerStatuses"][0]["ready"] = false.into();
                 }
-                _ => fixture("pods-empty.json"),
+                pods
             };
             json(list)
         }
@@ -242,20 +320,29 @@ struct Setup {
     api: Arc<Mutex<ApiState>>,
     origin: tempfile::TempDir,
     dest: tempfile::TempDir,
+    /// The controllers' state dir (their journal).
+    state: tempfile::TempDir,
+    api_url: String,
+    nodes: [NodeInfo; 2],
 }
 
 async fn setup(replicas: i64, shim_broken: bool) -> Setup {
     let http = reqwest::Client::new();
     let (origin_url, origin) = agent("node01", &http).await;
     let (dest_url, dest) = agent("node02", &http).await;
+    let mut deployment = fixture("deployment.json");
+    deployment["spec"]["replicas"] = replicas.into();
     let api = Arc::new(Mutex::new(ApiState {
-        cluster: Cluster::Running,
+        deployment,
         requests: vec![],
         origin_state: origin.path().into(),
         dest_state: dest.path().into(),
         shim_broken,
+        dest_never_ready: false,
         restored_from: None,
-        replicas,
+        hang: None,
+        hung: false,
+        refuse: None,
     }));
     let api_url = serve(
         axum::Router::new()
@@ -263,34 +350,64 @@ async fn setup(replicas: i64, shim_broken: bool) -> Setup {
             .with_state(api.clone()),
     )
     .await;
-    let kube = HttpKube::new(&KubeConfig {
-        server: api_url,
-        token: Some(API_TOKEN.into()),
-        ..KubeConfig::default()
-    })
-    .expect("client");
-    let controller = Controller::new(
-        ControllerConfig {
-            default_namespace: "default".into(),
-            default_scheme: "http".into(),
-            migration_timeout: Duration::from_secs(20),
-            stream_during_checkpoint: true,
-        },
-        Arc::new(HttpNodes::new(http, token(), Duration::from_secs(20))),
-    )
-    .with_kube(Arc::new(kube), Duration::from_millis(20));
-    let controller = Arc::new(controller);
-    controller
-        .register_node("node01", &origin_url)
-        .expect("register");
-    controller
-        .register_node("node02", &dest_url)
-        .expect("register");
+    let state = tempfile::tempdir().expect("tmp");
+    let nodes = [("node01", origin_url), ("node02", dest_url)].map(|(name, address)| NodeInfo {
+        name: name.into(),
+        address,
+        registered_unix: 0,
+    });
+    // The tests' controllers that restart journal in `state`; this one keeps no journal.
+    let controller = Arc::new(controller(&api_url, None, Duration::from_secs(20)));
+    for node in &nodes {
+        controller
+            .register_node(&node.name, &node.address)
+            .expect("register");
+    }
     Setup {
         controller,
         api,
         origin,
         dest,
+        state,
+        api_url,
+        nodes,
+    }
+}
+
+fn kube_settings(api_url: &str) -> KubeSettings {
+    let kube = HttpKube::new(&KubeConfig {
+        server: api_url.into(),
+        token: Some(API_TOKEN.into()),
+        ..KubeConfig::default()
+    })
+    .expect("client");
+    KubeSettings {
+        api: Arc::new(kube),
+        poll: Duration::from_millis(20),
+    }
+}
+
+/// A controller in Kubernetes mode journaling in `state` (if any), with its own HTTP clients (a
+/// controller that dies takes its connections with it).
+fn controller(api_url: &str, state: Option<&Path>, timeout: Duration) -> Controller {
+    let kube = kube_settings(api_url);
+    let c = Controller::new(
+        ControllerConfig {
+            default_namespace: "default".into(),
+            default_scheme: "http".into(),
+            migration_timeout: timeout,
+            stream_during_checkpoint: true,
+        },
+        Arc::new(HttpNodes::new(
+            reqwest::Client::new(),
+            token(),
+            Duration::from_secs(20),
+        )),
+    )
+    .with_kube(kube.api, kube.poll);
+    match state {
+        Some(dir) => c.with_journal(Journal::open(dir).expect("journal")),
+        None => c,
     }
 }
 
@@ -462,4 +579,340 @@ async fn refusals_name_the_problem() {
     // Nothing was patched, and the refused workload can be migrated later (no 409).
     let api = s.api.lock().expect("lock");
     assert!(api.requests.iter().all(|r| r.0 == "GET"));
+}
+
+/// A controller journaling in `s.state` starts the migration of the Deployment and dies where
+/// `hang` says: its runtime is shut down, with every task of it. Returns the migration's id.
+async fn die_mid_migration(s: &Setup, hang: Hang) -> String {
+    s.api.lock().expect("lock").hang = Some(hang.clone());
+    let (api, api_url, state, nodes) = (
+        s.api.clone(),
+        s.api_url.clone(),
+        s.state.path().to_path_buf(),
+        s.nodes.clone(),
+    );
+    let id = tokio::task::spawn_blocking(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let c = Arc::new(controller(&api_url, Some(&state), Duration::from_secs(20)));
+        for node in &nodes {
+            c.register_node(&node.name, &node.address)
+                .expect("register");
+        }
+        let id = rt
+            .block_on(c.start(request("mosquitto")))
+            .expect("start")
+            .id;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !api.lock().expect("lock").hung {
+            assert!(Instant::now() < deadline, "never reached {hang:?}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        drop(c);
+        rt.shutdown_timeout(Duration::from_secs(5));
+        id
+    })
+    .await
+    .expect("the first controller");
+    let mut api = s.api.lock().expect("lock");
+    api.hang = None;
+    api.requests.clear();
+    id
+}
+
+/// A controller started on the journal the dead one left.
+fn restarted(s: &Setup, timeout: Duration) -> Arc<Controller> {
+    Arc::new(controller(&s.api_url, Some(s.state.path()), timeout))
+}
+
+/// Resolves what `c` found unfinished; returns the record of `id`.
+async fn resume(c: &Arc<Controller>, id: &str) -> Migration {
+    for handle in c.resume_interrupted() {
+        handle.await.expect("recovery task");
+    }
+    let m = c.migration(id).expect("record after restart");
+    assert!(m.phase.is_terminal(), "{m:?}");
+    m
+}
+
+fn patches_made(s: &Setup) -> Vec<Value> {
+    let api = s.api.lock().expect("lock");
+    api.requests
+        .iter()
+        .filter(|r| r.0 == "PATCH")
+        .map(|r| serde_json::from_str(&r.3).expect("json"))
+        .collect()
+}
+
+fn has_checkpoint(node: &tempfile::TempDir) -> bool {
+    let store = Store::open(node.path().join("checkpoints")).expect("store");
+    store.pending(&identity()).expect("pending").is_some()
+}
+
+fn marks(node: &tempfile::TempDir) -> usize {
+    std::fs::read_dir(node.path().join("marks"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+fn identities() -> Vec<KubeIdentity> {
+    vec![KubeIdentity {
+        namespace: "default".into(),
+        workload: "mosquitto".into(),
+        container: "mosquitto".into(),
+    }]
+}
+
+/// A record journaled before the scale-down: the origin is marked, nothing else happened.
+async fn journaled_before_stop(s: &Setup) -> String {
+    let mut m = Migration::new(
+        "mig-1-0".into(),
+        Target::Deployment("mosquitto".into()),
+        "default".into(),
+        "node01".into(),
+        "node02".into(),
+    );
+    m.containers = vec!["mosquitto".into()];
+    m.advance(Phase::Checkpointing).expect("advance");
+    m.kubernetes = Some(KubeReport {
+        deployment: "mosquitto".into(),
+        replicas: 1,
+        selector: "app=mosquitto".into(),
+        identities: identities(),
+        stage: Some(KubeStage::BeforeStop),
+        ..KubeReport::default()
+    });
+    let journal = Journal::open(s.state.path()).expect("journal");
+    journal.save(&m).expect("save");
+    journal.save_nodes(|| s.nodes.to_vec()).expect("nodes");
+    HttpNodes::new(reqwest::Client::new(), token(), Duration::from_secs(20))
+        .kube_workloads(
+            &s.nodes[0],
+            &WorkloadsRequest {
+                migration: m.id.clone(),
+                action: WorkloadAction::Mark,
+                identities: identities(),
+            },
+        )
+        .await
+        .expect("mark");
+    m.id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_before_the_pod_stopped_unmarks_the_origin_and_patches_nothing() {
+    for scale_down_sent in [false, true] {
+        let s = setup(1, false).await;
+        let id = if scale_down_sent {
+            // Journaled as scaled to 0; the patch never reached the API.
+            die_mid_migration(
+                &s,
+                Hang {
+                    patch: scale_patch(0),
+                    after: false,
+                },
+            )
+            .await
+        } else {
+            journaled_before_stop(&s).await
+        };
+        assert_eq!(marks(&s.origin), 1, "{scale_down_sent}");
+        let c = restarted(&s, Duration::from_secs(20));
+        let m = resume(&c, &id).await;
+        assert_eq!(m.phase, Phase::Failed, "{scale_down_sent}: {m:?}");
+        let failure = m.failure.as_ref().expect("failure");
+        assert!(
+            failure
+                .reason
+                .starts_with("the controller restarted while checkpointing; "),
+            "{failure:?}"
+        );
+        assert!(
+            failure
+                .recovery
+                .iter()
+                .any(|r| r == "removed the marks on node01"),
+            "{failure:?}"
+        );
+        assert_eq!(marks(&s.origin), 0, "a later stop would checkpoint");
+        // Journaled as scaled to 0, the Deployment was asked whether it had been.
+        let steps = &m.kubernetes.as_ref().expect("kubernetes report").steps;
+        assert_eq!(
+            steps.iter().any(|step| step
+                == "after the controller restarted: the deployment has 1 replica(s), pinned to no node"),
+            scale_down_sent,
+            "{steps:?}"
+        );
+        assert!(patches_made(&s).is_empty(), "{:?}", patches_made(&s));
+        let api = s.api.lock().expect("lock");
+        assert_eq!(api.deployment_state(), (1, None));
+        assert!(api.restored_from.is_none());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_after_the_scale_to_zero_rolls_back_to_the_origin() {
+    for (hang, phase) in [
+        // The pod stopped with its checkpoint; the answer never came back.
+        (
+            Hang {
+                patch: scale_patch(0),
+                after: true,
+            },
+            "checkpointing",
+        ),
+        // The checkpoint reached the destination; the scale-up was journaled, never sent.
+        (
+            Hang {
+                patch: pin_patch("node02", 1),
+                after: false,
+            },
+            "restoring",
+        ),
+    ] {
+        let s = setup(1, false).await;
+        let id = die_mid_migration(&s, hang.clone()).await;
+        assert!(has_checkpoint(&s.origin));
+        assert_eq!(has_checkpoint(&s.dest), phase == "restoring");
+        assert_eq!(s.api.lock().expect("lock").deployment_state(), (0, None));
+        let c = restarted(&s, Duration::from_secs(20));
+        let m = resume(&c, &id).await;
+        assert_eq!(m.phase, Phase::RolledBack, "{hang:?}: {m:?}");
+        let failure = m.failure.as_ref().expect("failure");
+        assert_eq!(
+            failure.reason,
+            format!("the controller restarted while {phase}; rolled back to node01")
+        );
+        assert!(m.downtime_ms.is_some(), "{m:?}");
+        // The destination's copy goes before the origin runs the pod again from its own.
+        assert_eq!(patches_made(&s), [pin_patch("node01", 1)]);
+        assert!(!has_checkpoint(&s.dest), "{hang:?}");
+        assert!(has_checkpoint(&s.origin), "the origin restores from it");
+        assert_eq!(marks(&s.origin), 0);
+        let api = s.api.lock().expect("lock");
+        assert_eq!(api.deployment_state(), (1, Some("node01".into())));
+        assert!(api.restored_from.is_none(), "nothing ran on node02");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_after_the_scale_up_finishes_when_the_new_pod_runs_from_the_checkpoint() {
+    let s = setup(1, false).await;
+    let id = die_mid_migration(
+        &s,
+        Hang {
+            patch: pin_patch("node02", 1),
+            after: true,
+        },
+    )
+    .await;
+    let c = restarted(&s, Duration::from_secs(20));
+    let m = resume(&c, &id).await;
+    assert_eq!(m.phase, Phase::Done, "{m:?}");
+    assert!(
+        m.warnings
+            .iter()
+            .any(|w| w.starts_with("the controller restarted while restoring; ")),
+        "{m:?}"
+    );
+    let k = m.kubernetes.as_ref().expect("kubernetes report");
+    assert!(k.state_restored);
+    assert_eq!(k.new_pods, vec!["mosquitto-7d4b9c8f5-q8zkp"]);
+    assert!(m.destination_running);
+    assert!(patches_made(&s).is_empty(), "{:?}", patches_made(&s));
+    assert_eq!(s.api.lock().expect("lock").restored_from, Some(identity()));
+    // Finished as the driver does: nothing left on either node.
+    for node in [&s.origin, &s.dest] {
+        assert!(!has_checkpoint(node));
+        assert_eq!(marks(node), 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_after_the_scale_up_without_a_ready_pod_fails_and_the_origin_keeps_its_checkpoint()
+ {
+    let s = setup(1, false).await;
+    s.api.lock().expect("lock").dest_never_ready = true;
+    let id = die_mid_migration(
+        &s,
+        Hang {
+            patch: pin_patch("node02", 1),
+            after: true,
+        },
+    )
+    .await;
+    let c = restarted(&s, Duration::from_secs(1));
+    let handles = c.resume_interrupted();
+    // The workload stays claimed while it is being resolved.
+    match c.start(request("mosquitto")).await {
+        Err(ControllerError::Conflict(message)) => assert!(message.contains(&id), "{message}"),
+        other => panic!("expected 409, got {other:?}"),
+    }
+    for handle in handles {
+        handle.await.expect("recovery task");
+    }
+    let m = c.migration(&id).expect("record");
+    assert_eq!(m.phase, Phase::Failed, "{m:?}");
+    let failure = m.failure.as_ref().expect("failure");
+    assert!(
+        failure
+            .reason
+            .starts_with("the controller restarted while restoring; on node02: ")
+            && failure.reason.contains("not running and ready"),
+        "{failure:?}"
+    );
+    assert!(
+        failure
+            .recovery
+            .iter()
+            .any(|r| r.contains("stays pinned to node02")),
+        "{failure:?}"
+    );
+    // Never pinned back: a second copy of the pod must not start on the origin.
+    assert!(patches_made(&s).is_empty(), "{:?}", patches_made(&s));
+    assert!(has_checkpoint(&s.origin));
+    // Resolved: the claim is released (the pod is no longer on node01, hence 404).
+    match c.start(request("mosquitto")).await {
+        Err(ControllerError::NotFound(_)) => {}
+        other => panic!("expected 404, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_during_a_rollback_finishes_the_rollback() {
+    let s = setup(1, false).await;
+    // The scale-up is refused, so the driver rolls back; it dies once the Deployment is pinned
+    // back to the origin, its journal still saying "pinned to the destination and scaled up".
+    s.api.lock().expect("lock").refuse = Some(pin_patch("node02", 1));
+    let id = die_mid_migration(
+        &s,
+        Hang {
+            patch: pin_patch("node01", 1),
+            after: true,
+        },
+    )
+    .await;
+    assert_eq!(
+        s.api.lock().expect("lock").deployment_state(),
+        (1, Some("node01".into()))
+    );
+    // The origin's pod is back (the restored one): not waited for as if it were stopping.
+    let c = restarted(&s, Duration::from_secs(3));
+    let m = resume(&c, &id).await;
+    assert_eq!(m.phase, Phase::RolledBack, "{m:?}");
+    let failure = m.failure.as_ref().expect("failure");
+    assert_eq!(
+        failure.reason,
+        "the controller restarted while restoring; rolled back to node01"
+    );
+    assert!(
+        !failure.recovery.iter().any(|r| r.contains("had not gone")),
+        "{failure:?}"
+    );
+    assert_eq!(patches_made(&s), [pin_patch("node01", 1)]);
+    assert!(!has_checkpoint(&s.dest));
+    assert!(has_checkpoint(&s.origin));
 }

@@ -6,8 +6,8 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use super::{
-    KubeApi, KubeError, KubeIdentity, KubeReport, KubeSendRequest, WorkloadAction, WorkloadStatus,
-    WorkloadsRequest, label_selector, pin_patch, scale_patch,
+    KubeApi, KubeError, KubeIdentity, KubeReport, KubeSendRequest, KubeStage as Stage,
+    WorkloadAction, WorkloadStatus, WorkloadsRequest, label_selector, pin_patch, scale_patch,
 };
 use crate::controller::{Controller, ControllerError, MigrateRequest, lock};
 use crate::migration::{Migration, Phase, Target};
@@ -23,23 +23,38 @@ pub struct KubeSettings {
     pub poll: Duration,
 }
 
-/// How far a migration got, which decides the recovery.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stage {
-    /// Nothing stopped yet.
-    BeforeStop,
-    /// Scaled to zero: the pod stopped (or is stopping) on the origin.
-    Stopped,
-    /// Pinned to the destination and scaled back up.
-    ScaledUp,
+/// What the driver moves; journaled in the record's [`KubeReport`], from which a restarted
+/// controller rebuilds it ([`Plan::from_record`]).
+pub(crate) struct Plan {
+    pub(crate) namespace: String,
+    pub(crate) deployment: String,
+    pub(crate) selector: String,
+    pub(crate) replicas: i32,
+    pub(crate) identities: Vec<KubeIdentity>,
 }
 
-struct Plan {
-    namespace: String,
-    deployment: String,
-    selector: String,
-    replicas: i32,
-    identities: Vec<KubeIdentity>,
+impl Plan {
+    /// The plan a record journaled, or `None` for a record written before plans were
+    /// journaled (or one that is not a Kubernetes migration).
+    pub(crate) fn from_record(m: &Migration) -> Option<Self> {
+        let k = m.kubernetes.as_ref()?;
+        if k.selector.is_empty() || k.identities.is_empty() || k.stage.is_none() {
+            return None;
+        }
+        Some(Self {
+            namespace: m.namespace.clone(),
+            deployment: k.deployment.clone(),
+            selector: k.selector.clone(),
+            replicas: k.replicas,
+            identities: k.identities.clone(),
+        })
+    }
+}
+
+/// What a recovery did: its steps, and whether the workload runs on the origin again.
+pub(crate) struct Undone {
+    pub(crate) recovery: Vec<String>,
+    pub(crate) restored: bool,
 }
 
 fn kube_err(e: KubeError) -> ControllerError {
@@ -95,6 +110,9 @@ impl Controller {
         record.kubernetes = Some(KubeReport {
             deployment: deployment.clone(),
             replicas: plan.replicas,
+            selector: plan.selector.clone(),
+            identities: plan.identities.clone(),
+            stage: Some(Stage::BeforeStop),
             ..KubeReport::default()
         });
         let old_pods = self
@@ -168,7 +186,7 @@ impl Controller {
         })
     }
 
-    async fn pods_on(
+    pub(crate) async fn pods_on(
         &self,
         kube: &KubeSettings,
         plan: &Plan,
@@ -183,7 +201,7 @@ impl Controller {
             .collect())
     }
 
-    fn step(&self, id: &str, step: String) {
+    pub(crate) fn step(&self, id: &str, step: String) {
         info!(migration = %id, "{step}");
         self.update(id, |m| {
             if let Some(k) = m.kubernetes.as_mut() {
@@ -192,7 +210,7 @@ impl Controller {
         });
     }
 
-    async fn workloads(
+    pub(crate) async fn workloads(
         &self,
         node: &NodeInfo,
         id: &str,
@@ -224,25 +242,40 @@ impl Controller {
         let outcome = self.within_timeout(id, run).await;
         let stage = *lock(&stage);
         match outcome {
-            Ok(()) => {
-                match self
-                    .workloads(origin, id, plan, WorkloadAction::Discard)
-                    .await
-                {
-                    Ok(_) => self.step(id, format!("removed the checkpoint from {}", origin.name)),
-                    Err(e) => self.update(id, |m| m.warnings.push(format!("origin cleanup: {e}"))),
-                }
-                // Done only once the origin is cleaned up, as outside Kubernetes: a client that
-                // sees `done` finds no mark nor checkpoint of the workload left on the origin.
-                self.advance(id, Phase::Done);
-                self.finished(id);
-                info!(migration = %id, "kubernetes migration done");
-            }
+            Ok(()) => self.finish_kube(plan, id, origin).await,
             Err(reason) => {
                 self.recover_kube(kube, plan, id, origin, dest, stage, reason)
                     .await
             }
         }
+    }
+
+    /// The new pod runs on the destination from the checkpoint: the origin's marks and
+    /// checkpoint go, and the migration is done.
+    pub(crate) async fn finish_kube(&self, plan: &Plan, id: &str, origin: &NodeInfo) {
+        match self
+            .workloads(origin, id, plan, WorkloadAction::Discard)
+            .await
+        {
+            Ok(_) => self.step(id, format!("removed the checkpoint from {}", origin.name)),
+            Err(e) => self.update(id, |m| m.warnings.push(format!("origin cleanup: {e}"))),
+        }
+        // Done only once the origin is cleaned up, as outside Kubernetes: a client that
+        // sees `done` finds no mark nor checkpoint of the workload left on the origin.
+        self.advance(id, Phase::Done);
+        self.finished(id);
+        info!(migration = %id, "kubernetes migration done");
+    }
+
+    /// Sets the journaled stage of `id` and writes the record before the patch that reaches
+    /// it: the patch is not made unless a restarted controller would know it may have been.
+    fn journal_stage(&self, id: &str, stage: Stage, step: &str) -> Result<(), String> {
+        self.update(id, |m| {
+            if let Some(k) = m.kubernetes.as_mut() {
+                k.stage = Some(stage);
+            }
+        });
+        self.persist_before(id, step)
     }
 
     async fn run_kube(
@@ -268,6 +301,7 @@ impl Controller {
                 origin.name
             ),
         );
+        self.journal_stage(id, Stage::Stopped, "scaling to 0")?;
         *lock(stage) = Stage::Stopped;
         kube.api
             .patch_deployment(ns, name, &scale_patch(0))
@@ -312,7 +346,7 @@ impl Controller {
         self.update(id, |m| m.bytes_transferred = sent.wire_bytes);
         self.step(id, format!("checkpoint streamed to {}", dest.name));
         self.advance(id, Phase::Restoring);
-        self.persist_or_warn(id);
+        self.journal_stage(id, Stage::ScaledUp, "the scale-up")?;
         kube.api
             .patch_deployment(ns, name, &pin_patch(&dest.name, plan.replicas))
             .await
@@ -325,10 +359,24 @@ impl Controller {
                 dest.name, plan.replicas
             ),
         );
+        self.persist_or_warn(id);
+        self.wait_restored(kube, plan, id, dest).await
+    }
+
+    /// Waits until the new pod is Running and ready on `dest` and `dest` reports every
+    /// checkpoint consumed (the shim removes it once restored), then records it: from then on
+    /// a restarted controller only finishes the migration.
+    pub(crate) async fn wait_restored(
+        &self,
+        kube: &KubeSettings,
+        plan: &Plan,
+        id: &str,
+        dest: &NodeInfo,
+    ) -> Result<(), String> {
         let new_pods = loop {
             let running: Vec<String> = kube
                 .api
-                .list_pods(ns, &plan.selector, Some(&dest.name))
+                .list_pods(&plan.namespace, &plan.selector, Some(&dest.name))
                 .await
                 .map_err(|e| e.to_string())?
                 .into_iter()
@@ -355,11 +403,13 @@ impl Controller {
             ),
         );
         self.update(id, |m| {
+            m.destination_running = true;
             if let Some(k) = m.kubernetes.as_mut() {
                 k.new_pods = new_pods;
                 k.state_restored = true;
             }
         });
+        self.persist_or_warn(id);
         Ok(())
     }
 
@@ -375,6 +425,30 @@ impl Controller {
         reason: String,
     ) {
         warn!(migration = %id, %reason, ?stage, "kubernetes migration failed; recovering");
+        let Undone { recovery, restored } = self
+            .undo_kube(kube, plan, id, origin, (&dest.name, Some(dest)), stage)
+            .await;
+        self.update(id, |m| {
+            if let Err(e) = m.fail(reason, recovery, restored) {
+                warn!(migration = %id, error = %e, "state machine refused failure");
+            }
+        });
+        self.finished(id);
+    }
+
+    /// Undoes what the driver did up to `stage`: `recover_kube` without the record's end, which
+    /// a restarted controller words itself. `dest` is the destination's name and, when it is
+    /// registered, its agent.
+    pub(crate) async fn undo_kube(
+        &self,
+        kube: &KubeSettings,
+        plan: &Plan,
+        id: &str,
+        origin: &NodeInfo,
+        dest: (&str, Option<&NodeInfo>),
+        stage: Stage,
+    ) -> Undone {
+        let (dest_name, dest) = dest;
         let mut recovery = Vec::new();
         let mut restored = false;
         let note = |r: Result<Vec<WorkloadStatus>, NodeCallError>, done: String| match r {
@@ -389,13 +463,20 @@ impl Controller {
                 recovery.push(note(r, format!("removed the marks on {}", origin.name)));
             }
             Stage::Stopped => {
-                let r = self
-                    .workloads(dest, id, plan, WorkloadAction::Discard)
-                    .await;
-                recovery.push(note(
-                    r,
-                    format!("removed the checkpoint from {}", dest.name),
-                ));
+                match dest {
+                    Some(dest) => {
+                        let r = self
+                            .workloads(dest, id, plan, WorkloadAction::Discard)
+                            .await;
+                        recovery.push(note(
+                            r,
+                            format!("removed the checkpoint from {}", dest.name),
+                        ));
+                    }
+                    None => recovery.push(format!(
+                        "{dest_name} is not registered: a copy of the checkpoint it may hold was not removed"
+                    )),
+                }
                 let r = self
                     .workloads(origin, id, plan, WorkloadAction::Unmark)
                     .await;
@@ -419,15 +500,10 @@ impl Controller {
                 }
             }
             Stage::ScaledUp => recovery.push(format!(
-                "the deployment stays pinned to {} with {} replica(s); {} keeps its checkpoint",
-                dest.name, plan.replicas, origin.name
+                "the deployment stays pinned to {dest_name} with {} replica(s); {} keeps its checkpoint",
+                plan.replicas, origin.name
             )),
         }
-        self.update(id, |m| {
-            if let Err(e) = m.fail(reason, recovery, restored) {
-                warn!(migration = %id, error = %e, "state machine refused failure");
-            }
-        });
-        self.finished(id);
+        Undone { recovery, restored }
     }
 }

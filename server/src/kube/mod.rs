@@ -35,6 +35,11 @@
 //! (`rolled_back`; remove the affinity afterwards if wanted). Failure after the scale-up: the
 //! record says so and the origin keeps its checkpoint.
 //!
+//! A controller that restarts mid-migration resolves it from the plan and stage the record
+//! journals ([`KubeReport`], [`KubeStage`]): finished when the new pod already runs from the
+//! checkpoint, otherwise recovered as above for the stage the Deployment shows it reached
+//! (`resume.rs`).
+//!
 //! # Replicas
 //!
 //! The checkpoint key is per workload and container, not per replica, so replicas of one
@@ -51,6 +56,7 @@
 pub mod agent;
 pub mod client;
 pub mod migrate;
+mod resume;
 
 use std::collections::BTreeMap;
 
@@ -108,6 +114,9 @@ pub struct PodSpec {
     /// The node the pod is bound to.
     #[serde(default)]
     pub node_name: Option<String>,
+    /// Scheduling constraints (read for the node a Deployment is pinned to).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<serde_json::Value>,
 }
 
 /// A label selector.
@@ -156,6 +165,43 @@ pub struct Deployment {
     /// Spec.
     #[serde(default)]
     pub spec: DeploymentSpec,
+}
+
+impl Deployment {
+    /// Its desired replicas (the API defaults a missing count to 1).
+    pub fn replicas(&self) -> i32 {
+        self.spec.replicas.unwrap_or(1)
+    }
+
+    /// The node its pods are pinned to, when its affinity is exactly what [`pin_patch`] writes
+    /// (one required term: `kubernetes.io/hostname In [node]`).
+    pub fn pinned_to(&self) -> Option<&str> {
+        let terms = self
+            .spec
+            .template
+            .spec
+            .affinity
+            .as_ref()?
+            .pointer(
+                "/nodeAffinity/requiredDuringSchedulingIgnoredDuringExecution/nodeSelectorTerms",
+            )?
+            .as_array()?;
+        let [term] = terms.as_slice() else {
+            return None;
+        };
+        let [expression] = term.get("matchExpressions")?.as_array()?.as_slice() else {
+            return None;
+        };
+        if expression.get("key")?.as_str()? != HOSTNAME_LABEL
+            || expression.get("operator")?.as_str()? != "In"
+        {
+            return None;
+        }
+        match expression.get("values")?.as_array()?.as_slice() {
+            [node] => node.as_str(),
+            _ => None,
+        }
+    }
 }
 
 /// A container's status.
@@ -350,7 +396,38 @@ pub struct KubeSendRequest {
     pub destination: String,
 }
 
+/// How far a Kubernetes migration may have got, which decides its recovery.
+///
+/// The driver journals a stage *before* the Deployment patch that reaches it: a journaled
+/// stage says the patch may have been made, and a controller that restarts reads the
+/// Deployment to learn whether it was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KubeStage {
+    /// Nothing stopped yet (the origin may hold migration marks).
+    BeforeStop,
+    /// Scaled to zero: the pod stopped (or is stopping) on the origin, with a checkpoint.
+    Stopped,
+    /// Pinned to the destination and scaled back up.
+    ScaledUp,
+}
+
+impl KubeStage {
+    /// How the record and the log name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KubeStage::BeforeStop => "before the stop",
+            KubeStage::Stopped => "scaled to 0",
+            KubeStage::ScaledUp => "pinned to the destination and scaled up",
+        }
+    }
+}
+
 /// The Kubernetes side of a migration record.
+///
+/// `selector`, `identities` and `stage` are what a restarted controller needs to resolve the
+/// migration; records written before they existed read back without them (and are then not
+/// resumed, only reported).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct KubeReport {
@@ -358,6 +435,15 @@ pub struct KubeReport {
     pub deployment: String,
     /// Its replicas before (and after) the migration.
     pub replicas: i32,
+    /// Its pods' label selector (`k=v,...`).
+    #[serde(default)]
+    pub selector: String,
+    /// The containers whose checkpoints move.
+    #[serde(default)]
+    pub identities: Vec<KubeIdentity>,
+    /// How far the migration may have got (see [`KubeStage`]).
+    #[serde(default)]
+    pub stage: Option<KubeStage>,
     /// The pods that stopped on the origin.
     pub old_pods: Vec<String>,
     /// The pods running on the destination.
@@ -366,4 +452,45 @@ pub struct KubeReport {
     pub state_restored: bool,
     /// What was done, in order.
     pub steps: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_journaled_before_plans_were_reads_back_without_one() {
+        let old = serde_json::json!({
+            "deployment": "mosquitto", "replicas": 1, "oldPods": ["p"], "newPods": [],
+            "stateRestored": false, "steps": ["scaled to 0 replicas"]
+        });
+        let report: KubeReport = serde_json::from_value(old).expect("old record");
+        assert_eq!(report.deployment, "mosquitto");
+        assert!(report.selector.is_empty() && report.identities.is_empty());
+        assert_eq!(report.stage, None);
+        let mut new = report.clone();
+        new.stage = Some(KubeStage::ScaledUp);
+        let json = serde_json::to_value(&new).expect("json");
+        assert_eq!(json["stage"], "scaled_up");
+        assert_eq!(
+            serde_json::from_value::<KubeReport>(json).expect("back"),
+            new
+        );
+    }
+
+    #[test]
+    fn the_pinned_node_is_read_from_the_affinity_the_pin_patch_writes() {
+        let mut d = Deployment::default();
+        assert_eq!((d.replicas(), d.pinned_to()), (1, None));
+        let patch = pin_patch("node02", 1);
+        d.spec.template.spec.affinity = Some(patch["spec"]["template"]["spec"]["affinity"].clone());
+        d.spec.replicas = Some(0);
+        assert_eq!((d.replicas(), d.pinned_to()), (0, Some("node02")));
+        // Any other affinity pins to no node the driver chose.
+        let mut other = patch["spec"]["template"]["spec"]["affinity"].clone();
+        other["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+            [0]["matchExpressions"][0]["values"] = serde_json::json!(["node01", "node02"]);
+        d.spec.template.spec.affinity = Some(other);
+        assert_eq!(d.pinned_to(), None);
+    }
 }
