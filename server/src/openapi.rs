@@ -8,6 +8,16 @@ pub fn document() -> Value {
     let error = json!({"$ref": "#/components/schemas/Error"});
     let err = |desc: &str| json!({"description": desc, "content": {"application/json": {"schema": error}}});
     let bearer = json!([{"bearer": []}]);
+    // Apart, to keep the document's json! under the macro recursion limit.
+    let kubernetes_report = json!({"type": "object", "description": "Kubernetes mode only", "properties": {
+        "deployment": {"type": "string"}, "replicas": {"type": "integer"},
+        "selector": {"type": "string", "description": "the Deployment's label selector"},
+        "identities": {"type": "array", "items": {"type": "object"}, "description": "the workload identities of its containers (the checkpoints' names)"},
+        "stage": {"type": "string", "enum": ["before_stop", "stopped", "scaled_up"], "description": "how far the driver got (journaled before each patch; decides a recovery)"},
+        "oldPods": {"type": "array", "items": {"type": "string"}},
+        "newPods": {"type": "array", "items": {"type": "string"}},
+        "stateRestored": {"type": "boolean"},
+        "steps": {"type": "array", "items": {"type": "string"}}}});
     json!({
         "openapi": "3.1.0",
         "info": {
@@ -43,15 +53,7 @@ pub fn document() -> Value {
                         "recovery": {"type": "array", "items": {"type": "string"}}}},
                     "warnings": {"type": "array", "items": {"type": "string"}},
                     "destinationRunning": {"type": "boolean", "description": "the destination reported the workload running"},
-                    "kubernetes": {"type": "object", "description": "Kubernetes mode only", "properties": {
-                        "deployment": {"type": "string"}, "replicas": {"type": "integer"},
-                        "selector": {"type": "string", "description": "the Deployment's label selector"},
-                        "identities": {"type": "array", "items": {"type": "object"}, "description": "the workload identities of its containers (the checkpoints' names)"},
-                        "stage": {"type": "string", "enum": ["before_stop", "stopped", "scaled_up"], "description": "how far the driver got (journaled before each patch; decides a recovery)"},
-                        "oldPods": {"type": "array", "items": {"type": "string"}},
-                        "newPods": {"type": "array", "items": {"type": "string"}},
-                        "stateRestored": {"type": "boolean"},
-                        "steps": {"type": "array", "items": {"type": "string"}}}}}},
+                    "kubernetes": kubernetes_report}},
                 "Node": {"type": "object", "properties": {
                     "name": {"type": "string"}, "address": {"type": "string"}, "registered_unix": {"type": "integer"}}}
             }
