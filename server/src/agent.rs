@@ -19,9 +19,9 @@
 //! restarts: they say which containers and checkpoints belong to the migration.
 
 use std::collections::HashMap;
-use std::fs::{self, DirBuilder, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::fs::{self, DirBuilder};
+use std::io;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,6 +33,7 @@ use tracing::{info, warn};
 use crate::containerd::{
     ContainerInfo, Containerd, ContainerdError, POD_LABEL, TaskStatus, WORKLOAD_LABEL,
 };
+use crate::files::{remove_if_exists, write_private};
 use crate::migration::Target;
 use crate::protocol::{ActionReport, CheckpointSummary, ContainerState};
 
@@ -930,37 +931,10 @@ pub(crate) fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<(
         what: format!("encode {}", path.display()),
         source: io::Error::other(e),
     })?;
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("record");
-    let tmp = path.with_file_name(format!(".tmp-{name}-{}", std::process::id()));
-    let write = || -> io::Result<()> {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    };
-    write().map_err(|e| {
-        remove_if_exists(&tmp);
-        AgentError::Io {
-            what: format!("write {}", path.display()),
-            source: e,
-        }
+    write_private(path, &bytes, false).map_err(|source| AgentError::Io {
+        what: format!("write {}", path.display()),
+        source,
     })
-}
-
-fn remove_if_exists(path: &Path) {
-    if let Err(e) = fs::remove_file(path)
-        && e.kind() != io::ErrorKind::NotFound
-    {
-        warn!(path = %path.display(), error = %e, "cannot remove");
-    }
 }
 
 fn remove_dir_if_exists(path: &Path) {

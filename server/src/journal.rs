@@ -15,7 +15,7 @@
 //! [`KEEP_TERMINAL`] of them.
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -24,6 +24,7 @@ use std::sync::Mutex;
 use mig_checkpoint::SafeName;
 use tracing::{info, warn};
 
+use crate::files::{remove_if_exists, write_private};
 use crate::migration::Migration;
 use crate::registry::NodeInfo;
 
@@ -284,36 +285,7 @@ fn private_dir(dir: &Path) -> Result<(), JournalError> {
 fn write_atomically(path: &Path, value: &impl serde::Serialize) -> Result<(), JournalError> {
     let bytes = serde_json::to_vec_pretty(value)
         .map_err(|e| io_err("encode", path)(io::Error::other(e)))?;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".tmp-{name}-{}", std::process::id()));
-    let write = || -> io::Result<()> {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
-    };
-    write().map_err(|e| {
-        remove_if_exists(&tmp);
-        io_err("write", path)(e)
-    })
-}
-
-fn remove_if_exists(path: &Path) {
-    if let Err(e) = fs::remove_file(path)
-        && e.kind() != io::ErrorKind::NotFound
-    {
-        warn!(path = %path.display(), error = %e, "cannot remove");
-    }
+    write_private(path, &bytes, true).map_err(io_err("write", path))
 }
 
 #[cfg(test)]

@@ -30,6 +30,7 @@ pub mod api;
 pub mod auth;
 pub mod containerd;
 pub mod controller;
+mod files;
 pub mod http;
 pub mod journal;
 pub mod kube;

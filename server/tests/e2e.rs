@@ -604,31 +604,39 @@ impl Cluster {
     }
 }
 
+/// The counter of the CRIU migration tests: a number in /count, one more every 100 ms.
+const COUNTER: &str = "i=0; while :; do i=$((i+1)); echo $i > /count; sleep 0.1; done";
+
+/// The common start of the CRIU migration tests: their prerequisites (else a skip with the
+/// reason, and `None`), the busybox image on two nodes (`tls`: serving TLS, see
+/// [`Cluster::start_with`]), and `script` (sh) running on node01 as the workload `counter`.
+fn counter_cluster(test: &str, tls: bool, script: &str) -> Option<(TestImage, Cluster)> {
+    if !prerequisites(test) {
+        return None;
+    }
+    for tool in ["criu", "curl", "ip"] {
+        if mig_e2e::prereq::find_on_path(tool).is_none() {
+            skip(test, &format!("`{tool}` is not on PATH"));
+            return None;
+        }
+    }
+    let image = TestImage::busybox().expect("image");
+    let c = Cluster::start_with(&[], &image, tls);
+    c.run_counter(&image, &["sh", "-c", script]);
+    Some((image, c))
+}
+
 fn strs(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
 }
 
 #[test]
 fn migrate_between_two_nodes_with_faults() {
-    const TEST: &str = "migrate_between_two_nodes_with_faults";
-    if !prerequisites(TEST) {
+    let Some((image, mut c)) =
+        counter_cluster("migrate_between_two_nodes_with_faults", false, COUNTER)
+    else {
         return;
-    }
-    for tool in ["criu", "curl", "ip"] {
-        if mig_e2e::prereq::find_on_path(tool).is_none() {
-            return skip(TEST, &format!("`{tool}` is not on PATH"));
-        }
-    }
-    let image = TestImage::busybox().expect("image");
-    let mut c = Cluster::start(&[], &image);
-    c.run_counter(
-        &image,
-        &[
-            "sh",
-            "-c",
-            "i=0; while :; do i=$((i+1)); echo $i > /count; sleep 0.1; done",
-        ],
-    );
+    };
 
     // Bad requests change nothing.
     let migrate =
@@ -784,17 +792,9 @@ fn migrate_between_two_nodes_with_faults() {
 /// the registration, the agents' calls and the checkpoint stream all go over https.
 #[test]
 fn migration_over_tls() {
-    const TEST: &str = "migration_over_tls";
-    if !prerequisites(TEST) {
+    let Some((_, c)) = counter_cluster("migration_over_tls", true, COUNTER) else {
         return;
-    }
-    for tool in ["criu", "curl", "ip"] {
-        if mig_e2e::prereq::find_on_path(tool).is_none() {
-            return skip(TEST, &format!("`{tool}` is not on PATH"));
-        }
-    }
-    let image = TestImage::busybox().expect("image");
-    let c = Cluster::start_with(&[], &image, true);
+    };
     let (_, nodes) = c.api("GET", "/nodes", None, false);
     for node in nodes.as_array().expect("nodes") {
         let address = node["address"].as_str().unwrap_or_default();
@@ -802,14 +802,6 @@ fn migration_over_tls() {
     }
     // Plain HTTP to the TLS port gets no answer.
     assert_eq!(http(&c.net.a, "GET", "/healthz", None, false).0, 0);
-    c.run_counter(
-        &image,
-        &[
-            "sh",
-            "-c",
-            "i=0; while :; do i=$((i+1)); echo $i > /count; sleep 0.1; done",
-        ],
-    );
     thread::sleep(Duration::from_millis(500));
     let before = count(&c.a, "counter");
     let migrate = json!({"deployment": "counter", "originNode": "node01", "destNode": "node02"});
@@ -935,27 +927,12 @@ fn controller_killed_while_restoring_is_resolved_when_it_restarts() {
 /// (the origin has stopped the workload by then) and starts it again: the workload then runs
 /// on exactly one node, with its memory, and nothing of the migration is left.
 fn kill_the_controller_mid_migration(test: &str, kill_in: &str) {
-    if !prerequisites(test) {
-        return;
-    }
-    for tool in ["criu", "curl", "ip"] {
-        if mig_e2e::prereq::find_on_path(tool).is_none() {
-            return skip(test, &format!("`{tool}` is not on PATH"));
-        }
-    }
-    let image = TestImage::busybox().expect("image");
-    let mut c = Cluster::start(&[], &image);
     // 256 MiB of noise in the container's root travels in the checkpoint's upper layer: the
     // transfer and the restore take long enough (seconds) to kill the controller in them.
-    c.run_counter(
-        &image,
-        &[
-            "sh",
-            "-c",
-            "echo 0 > /count; head -c 268435456 /dev/urandom > /ballast; \
-             i=0; while :; do i=$((i+1)); echo $i > /count; sleep 0.1; done",
-        ],
-    );
+    let ballast = format!("echo 0 > /count; head -c 268435456 /dev/urandom > /ballast; {COUNTER}");
+    let Some((_, mut c)) = counter_cluster(test, false, &ballast) else {
+        return;
+    };
     let deadline = Instant::now() + Duration::from_secs(60);
     while count(&c.a, "counter") < 5 {
         assert!(Instant::now() < deadline, "the counter does not count");
@@ -967,8 +944,17 @@ fn kill_the_controller_mid_migration(test: &str, kill_in: &str) {
     assert_eq!(s, 202, "{m}");
     let id = m["id"].as_str().expect("id").to_string();
     let deadline = Instant::now() + Duration::from_secs(60);
+    // The phase as the controller journals it (before it acts on it): read from its file, not
+    // asked over HTTP, whose answer can take longer than the phase lasts on a loaded machine.
+    let record = c
+        .state_a
+        .join("controller/migrations")
+        .join(format!("{id}.json"));
     let killed_in = loop {
-        let (_, m) = http(&c.net.a, "GET", &format!("/migrations/{id}"), None, false);
+        let m: Value = std::fs::read(&record)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(Value::Null);
         let phase = m["phase"].as_str().unwrap_or("").to_string();
         if phase == kill_in {
             c.agent_a.kill();
