@@ -626,6 +626,18 @@ impl Controller {
                 self.abort_destination(dest, req, &mut recovery).await;
             }
         }
+        self.end_failed(id, reason, recovery, restored);
+    }
+
+    /// Records a migration as failed (rolled back when `restored`) with what its recovery
+    /// did, and releases its workload.
+    pub(crate) fn end_failed(
+        &self,
+        id: &str,
+        reason: String,
+        recovery: Vec<String>,
+        restored: bool,
+    ) {
         self.update(id, |m| {
             if let Err(e) = m.fail(reason, recovery, restored) {
                 warn!(migration = %id, error = %e, "state machine refused failure");
@@ -636,7 +648,7 @@ impl Controller {
 
     /// Removes what the destination holds of the migration (containers created ahead, data
     /// received, a restored workload); says what in `recovery`. Whether it answered.
-    async fn abort_destination(
+    pub(crate) async fn abort_destination(
         &self,
         dest: &NodeInfo,
         req: &ContainersRequest,

@@ -207,13 +207,9 @@ impl Controller {
     ) {
         let mut recovery = Vec::new();
         match dest {
-            Some(dest) => match self.nodes_api.abort(dest, req).await {
-                Ok(report) if report.done.is_empty() => {
-                    recovery.push(format!("nothing to clean on {}", dest.name));
-                }
-                Ok(report) => recovery.extend(report.done),
-                Err(e) => recovery.push(format!("cleaning the destination failed: {e}")),
-            },
+            Some(dest) => {
+                self.abort_destination(dest, req, &mut recovery).await;
+            }
             None => recovery.push("the destination node is not registered: not cleaned".into()),
         }
         if destination == Destination::Unknown {
@@ -251,12 +247,7 @@ impl Controller {
     /// Ends an interrupted migration as failed or rolled back.
     pub(crate) fn conclude(&self, id: &str, reason: String, recovery: Vec<String>, restored: bool) {
         warn!(migration = %id, %reason, ?recovery, "interrupted migration resolved");
-        self.update(id, |m| {
-            if let Err(e) = m.fail(reason, recovery, restored) {
-                warn!(migration = %id, error = %e, "state machine refused failure");
-            }
-        });
-        self.finished(id);
+        self.end_failed(id, reason, recovery, restored);
     }
 
     /// Whether the destination runs every container of the migration.

@@ -366,23 +366,19 @@ async fn bad_tls_files_stop_the_start_with_the_file_named() {
     let listen = format!("127.0.0.1:{port}");
     let cert = pki.cert.display().to_string();
     let ca = pki.ca.display().to_string();
+    // `serve` as a controller with `extra` flags: (succeeded, stderr).
+    let serve = |extra: &[&str]| {
+        let mut args = vec!["serve", "--role", "controller", "--listen", &listen];
+        args.extend_from_slice(extra);
+        let out = cli(&pki, &args);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
     // The certificate given for the key.
-    let out = cli(
-        &pki,
-        &[
-            "serve",
-            "--role",
-            "controller",
-            "--listen",
-            &listen,
-            "--tls-cert",
-            &cert,
-            "--tls-key",
-            &cert,
-        ],
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
+    let (ok, stderr) = serve(&["--tls-cert", &cert, "--tls-key", &cert]);
+    assert!(!ok, "{stderr}");
     assert!(
         stderr.contains("the TLS private key")
             && stderr.contains("server.pem holds no private key"),
@@ -395,55 +391,19 @@ async fn bad_tls_files_stop_the_start_with_the_file_named() {
         rcgen::KeyPair::generate().expect("key").serialize_pem(),
     )
     .expect("write");
-    let out = cli(
-        &pki,
-        &[
-            "serve",
-            "--role",
-            "controller",
-            "--listen",
-            &listen,
-            "--tls-cert",
-            &cert,
-            "--tls-key",
-            &other_key.display().to_string(),
-        ],
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let other_key = other_key.display().to_string();
+    let (ok, stderr) = serve(&["--tls-cert", &cert, "--tls-key", &other_key]);
     assert!(
-        !out.status.success() && stderr.contains("does not match the certificate"),
+        !ok && stderr.contains("does not match the certificate"),
         "{stderr}"
     );
     // A certificate without its key is refused by the argument parser.
-    let out = cli(
-        &pki,
-        &[
-            "serve",
-            "--role",
-            "controller",
-            "--listen",
-            &listen,
-            "--tls-cert",
-            &cert,
-        ],
-    );
-    assert!(!out.status.success());
+    let (ok, _) = serve(&["--tls-cert", &cert]);
+    assert!(!ok);
     // An unreadable CA bundle, on the serving side too.
-    let out = cli(
-        &pki,
-        &[
-            "serve",
-            "--role",
-            "controller",
-            "--listen",
-            &listen,
-            "--tls-ca",
-            &format!("{ca}.missing"),
-        ],
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (ok, stderr) = serve(&["--tls-ca", &format!("{ca}.missing")]);
     assert!(
-        !out.status.success() && stderr.contains("cannot read the CA bundle"),
+        !ok && stderr.contains("cannot read the CA bundle"),
         "{stderr}"
     );
 }

@@ -428,12 +428,7 @@ impl Controller {
         let Undone { recovery, restored } = self
             .undo_kube(kube, plan, id, origin, (&dest.name, Some(dest)), stage)
             .await;
-        self.update(id, |m| {
-            if let Err(e) = m.fail(reason, recovery, restored) {
-                warn!(migration = %id, error = %e, "state machine refused failure");
-            }
-        });
-        self.finished(id);
+        self.end_failed(id, reason, recovery, restored);
     }
 
     /// Undoes what the driver did up to `stage`: `recover_kube` without the record's end, which
