@@ -44,8 +44,11 @@
 #               life, as it overlaps the dump: a lower bound of its throughput; zstd: `zstd -1 -T1`
 #               over the floor checkpoint's pages-*.img (the same kind of bytes), from page
 #               cache into `cat >/dev/null`. mig-server compresses with zstd level 1
-#               (--zstd-level, default 1) on one thread (zstd::Encoder::new, no workers), so
-#               -1 -T1 is the like-for-like comparison.
+#               (--zstd-level, default 1) on one thread, one frame per MiB, and stores a MiB
+#               whose sample does not compress (server/src/zframes.rs; memhog's pages never
+#               do), so it can outrun `zstd -1 -T1`, which is the like-for-like reference.
+#               The stream alone, without containerd or a network:
+#               `cargo run --release -p mig-server --example stream-throughput`.
 # Goals (issue 4): 16 MiB downtime <= 0.25 s, 1 GiB <= 1.5 s, never worse than the floor.
 # Raw per-run values go to the log named at the end (kept with KEEP=1).
 set -euo pipefail

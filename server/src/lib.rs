@@ -44,6 +44,7 @@ pub mod registry;
 pub mod stream;
 pub mod tls;
 pub mod transfer;
+pub mod zframes;
 
 use std::sync::Arc;
 

@@ -54,6 +54,7 @@ use mig_checkpoint::{
 use sha2::{Digest, Sha256};
 
 use crate::containerd::ContainerInfo;
+use crate::zframes::FrameWriter;
 
 const MAGIC: &[u8; 8] = b"MIGSTRM2";
 const TRAILER: &[u8; 4] = b"END1";
@@ -129,6 +130,9 @@ pub struct StreamStats {
     pub wire_bytes: u64,
     /// Of `raw_bytes`, those sent while the checkpoint was being written (live records).
     pub live_bytes: u64,
+    /// Stream bytes the sender stored rather than compressed, as they did not compress
+    /// ([`crate::zframes`]); 0 on the receiving end.
+    pub stored_bytes: u64,
 }
 
 /// Counts bytes going through a reader or writer.
@@ -276,7 +280,7 @@ fn follow_new_page_images(images: &Path, followed: &mut BTreeMap<String, Followe
 
 /// The sending end: the compressed output and its counters.
 struct Sender<W: Write> {
-    z: zstd::Encoder<'static, Counting<W>>,
+    z: FrameWriter<Counting<W>>,
     info_bytes: Vec<u8>,
     identity_bytes: Vec<u8>,
     raw: u64,
@@ -299,7 +303,7 @@ impl<W: Write> Sender<W> {
             inner: out,
             count: 0,
         };
-        let z = zstd::Encoder::new(counting, level).map_err(io_err("start zstd encoder"))?;
+        let z = FrameWriter::new(counting, level).map_err(io_err("start zstd encoder"))?;
         let mut s = Self {
             z,
             info_bytes,
@@ -434,12 +438,14 @@ impl<W: Write> Sender<W> {
             )));
         }
         self.send(TRAILER)?;
+        let framed = self.z.stats();
         let mut counting = self.z.finish().map_err(io_err("finish zstd stream"))?;
         counting.flush().map_err(io_err("flush"))?;
         Ok(StreamStats {
             raw_bytes: self.raw,
             wire_bytes: counting.count,
             live_bytes: self.live,
+            stored_bytes: framed.stored,
         })
     }
 }
@@ -580,6 +586,7 @@ pub fn receive_checkpoint<R: Read>(
             raw_bytes: raw + manifest_len,
             wire_bytes: counting.count,
             live_bytes: live,
+            stored_bytes: 0,
         },
     })
 }

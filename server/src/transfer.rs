@@ -156,7 +156,7 @@ impl NodeAgent {
                 .stream_checkpoint(http, token, &url, source, info, &format!("{id}"))
                 .await?;
             info!(container_id = %id, raw = stats.raw_bytes, wire = stats.wire_bytes,
-                  live = stats.live_bytes, elapsed_ms = started.elapsed().as_millis() as u64,
+                  live = stats.live_bytes, stored = stats.stored_bytes, elapsed_ms = started.elapsed().as_millis() as u64,
                   "checkpoint sent");
             total.raw_bytes += stats.raw_bytes;
             total.wire_bytes += stats.wire_bytes;
