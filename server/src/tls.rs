@@ -1,5 +1,6 @@
 //! TLS between all parties: the server side (`--tls-cert`, `--tls-key`: rustls over the
-//! listening socket, see [`TlsListener`]) and the client side (`--tls-ca`: which CAs this
+//! listening socket, see [`TlsListener`]; the pair is read again when the files change, see
+//! [`ServerCert`]) and the client side (`--tls-ca`: which CAs this
 //! process trusts when it calls other agents or the controller, see [`client_builder`]).
 //!
 //! The bearer token stays the authentication; TLS protects it and the checkpoint streams
@@ -140,11 +141,24 @@ fn load_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 }
 
 /// The rustls configuration for serving with the certificate chain in `cert` and its key in
-/// `key` (both PEM), HTTP/1.1 only (the only protocol the server speaks).
+/// `key` (both PEM), HTTP/1.1 only (the only protocol the server speaks). The pair is read
+/// again when the files change ([`ServerCert`]); a pair that does not load now is an error.
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let chain = load_certificates("TLS certificate", cert, CERT_EXPECTED)?;
-    let private_key = load_private_key(key)?;
-    let unusable = |e: rustls::Error| match e {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let resolver = ServerCert::load(cert, key, provider.clone(), RELOAD_CHECK)?;
+    // The provider is named rather than taken from the process default: reqwest's rustls is
+    // built with ring only, and so is this one.
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| unusable(cert, key, e))?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(resolver));
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+fn unusable(cert: &Path, key: &Path, e: rustls::Error) -> TlsError {
+    match e {
         rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
             TlsError::KeyMismatch {
                 cert: cert.to_path_buf(),
@@ -156,19 +170,128 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
             key: key.to_path_buf(),
             reason: e.to_string(),
         },
-    };
-    // The provider is named rather than taken from the process default: reqwest's rustls is
-    // built with ring only, and so is this one.
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(unusable)?
-    .with_no_client_auth()
-    .with_single_cert(chain, private_key)
-    .map_err(unusable)?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    }
+}
+
+/// How often, at most, the server looks whether its certificate or key file changed (two
+/// `stat`s, on a handshake).
+pub const RELOAD_CHECK: Duration = Duration::from_secs(1);
+
+/// The server's certificate chain and key, read again when either file changes: a
+/// certificate renewed in place (a Kubernetes Secret volume that cert-manager updates, a file
+/// replaced by a renewal job) is served from the next handshake on, without a restart, and an
+/// expiring certificate does not take the node's API down with it.
+///
+/// A handshake looks at the files' identity (inode, size, modification time, following
+/// symlinks as a Secret volume's are) at most once per check interval. A changed pair that
+/// does not load (one file written and not the other yet, a key of another certificate) is
+/// logged once and the pair loaded before is served until the files change again.
+#[derive(Debug)]
+pub struct ServerCert {
+    cert: PathBuf,
+    key: PathBuf,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    check_every: Duration,
+    state: std::sync::Mutex<Served>,
+}
+
+#[derive(Debug)]
+struct Served {
+    current: Arc<rustls::sign::CertifiedKey>,
+    /// The files' identity when last looked at.
+    seen: (Option<FileId>, Option<FileId>),
+    checked: std::time::Instant,
+}
+
+/// What tells a file's contents changed without reading it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+}
+
+fn file_id(path: &Path) -> Option<FileId> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some(FileId {
+        dev: m.dev(),
+        ino: m.ino(),
+        len: m.len(),
+        mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+    })
+}
+
+impl ServerCert {
+    /// Loads the pair now (an error if it does not load), to be looked at again at most once
+    /// per `check_every`.
+    pub fn load(
+        cert: &Path,
+        key: &Path,
+        provider: Arc<rustls::crypto::CryptoProvider>,
+        check_every: Duration,
+    ) -> Result<Self, TlsError> {
+        let seen = (file_id(cert), file_id(key));
+        let current = Arc::new(certified_key(cert, key, &provider)?);
+        Ok(Self {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            provider,
+            check_every,
+            state: std::sync::Mutex::new(Served {
+                current,
+                seen,
+                checked: std::time::Instant::now(),
+            }),
+        })
+    }
+
+    /// The pair to serve now, read again first if the files changed.
+    pub fn current(&self) -> Arc<rustls::sign::CertifiedKey> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.checked.elapsed() < self.check_every {
+            return state.current.clone();
+        }
+        state.checked = std::time::Instant::now();
+        let seen = (file_id(&self.cert), file_id(&self.key));
+        if seen == state.seen {
+            return state.current.clone();
+        }
+        state.seen = seen;
+        match certified_key(&self.cert, &self.key, &self.provider) {
+            Ok(pair) => {
+                state.current = Arc::new(pair);
+                tracing::info!(cert = %self.cert.display(), key = %self.key.display(),
+                               "TLS certificate changed on disk: serving the new one");
+            }
+            Err(e) => tracing::error!(error = %e,
+                "TLS certificate or key changed on disk but cannot be used; still serving the \
+                 previous one until the files change again"),
+        }
+        state.current.clone()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ServerCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+/// The chain in `cert` and its key in `key`, checked to belong together.
+fn certified_key(
+    cert: &Path,
+    key: &Path,
+    provider: &rustls::crypto::CryptoProvider,
+) -> Result<rustls::sign::CertifiedKey, TlsError> {
+    let chain = load_certificates("TLS certificate", cert, CERT_EXPECTED)?;
+    let private_key = load_private_key(key)?;
+    rustls::sign::CertifiedKey::from_der(chain, private_key, provider)
+        .map_err(|e| unusable(cert, key, e))
 }
 
 /// The CA certificates of a PEM bundle, each checked to be usable as a trust anchor.
@@ -327,6 +450,58 @@ mod tests {
                 .len(),
             2
         );
+    }
+
+    /// Replaces `dir/name` as a Secret volume update or a renewal job does: a new file renamed
+    /// over the old one.
+    fn replace(dir: &Path, name: &str, contents: &str) {
+        let tmp = write(dir, &format!(".{name}.new"), contents);
+        std::fs::rename(tmp, dir.join(name)).expect("rename");
+    }
+
+    fn der(pem: &str) -> CertificateDer<'static> {
+        CertificateDer::from_pem_slice(pem.as_bytes()).expect("certificate")
+    }
+
+    #[test]
+    fn a_renewed_pair_is_served_and_a_half_written_one_is_not() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let (cert_a, key_a, _) = pair();
+        let cert = write(dir.path(), "cert.pem", &cert_a);
+        let key = write(dir.path(), "key.pem", &key_a);
+        let served = ServerCert::load(&cert, &key, provider.clone(), Duration::ZERO).expect("load");
+        let first = served.current();
+        assert_eq!(first.cert, vec![der(&cert_a)]);
+        assert!(
+            Arc::ptr_eq(&first, &served.current()),
+            "unchanged files are not read again"
+        );
+
+        let (cert_b, key_b, _) = pair();
+        replace(dir.path(), "cert.pem", &cert_b);
+        replace(dir.path(), "key.pem", &key_b);
+        assert_eq!(served.current().cert, vec![der(&cert_b)]);
+
+        // Half a renewal: the new certificate is there, its key not yet. B is still served.
+        let (cert_c, key_c, _) = pair();
+        replace(dir.path(), "cert.pem", &cert_c);
+        assert_eq!(served.current().cert, vec![der(&cert_b)]);
+        replace(dir.path(), "key.pem", &key_c);
+        assert_eq!(served.current().cert, vec![der(&cert_c)]);
+
+        // Removed files (a Secret being replaced) keep the last pair too.
+        std::fs::remove_file(&key).expect("rm");
+        assert_eq!(served.current().cert, vec![der(&cert_c)]);
+
+        // Between two checks the files are not looked at.
+        let (cert_d, key_d, _) = pair();
+        replace(dir.path(), "key.pem", &key_c);
+        let lazy =
+            ServerCert::load(&cert, &key, provider, Duration::from_secs(3600)).expect("load");
+        replace(dir.path(), "cert.pem", &cert_d);
+        replace(dir.path(), "key.pem", &key_d);
+        assert_eq!(lazy.current().cert, vec![der(&cert_c)]);
     }
 
     #[test]

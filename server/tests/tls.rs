@@ -253,6 +253,74 @@ async fn https_is_served_to_clients_that_trust_the_ca() {
     );
 }
 
+/// A client that opens a new connection (a new handshake) for every request.
+fn fresh_connections(ca: &Path) -> reqwest::Client {
+    client_builder(Some(ca))
+        .expect("client")
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client")
+}
+
+#[tokio::test]
+async fn a_certificate_renewed_on_disk_is_served_without_a_restart() {
+    let pki = pki();
+    let controller = controller(&pki).await;
+    let url = format!("{}/healthz", controller.https());
+    let (old_ca, new_ca) = (fresh_connections(&pki.ca), fresh_connections(&pki.other_ca));
+    assert!(new_ca.get(&url).send().await.is_err(), "not renewed yet");
+
+    // The renewal, from another CA so a client can tell the two certificates apart, written
+    // as a Secret volume update or a renewal job does: new files renamed over the old ones.
+    let renewal = TestCa::new(pki.dir.path(), "renewal-ca");
+    let (cert, key) = renewal.issue("renewed", &["127.0.0.1", "localhost"]);
+    std::fs::rename(&cert, &pki.cert).expect("rename the certificate");
+    std::fs::rename(&key, &pki.key).expect("rename the key");
+    let renewed = fresh_connections(&renewal.cert);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while renewed.get(&url).send().await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the renewed certificate was not served within 10s:\n{}",
+            controller.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let err = old_ca
+        .get(&url)
+        .send()
+        .await
+        .expect_err("the old certificate is gone");
+    assert!(
+        error_chain(&err).contains("UnknownIssuer"),
+        "{}",
+        error_chain(&err)
+    );
+    assert!(
+        controller.log().contains("serving the new one"),
+        "{}",
+        controller.log()
+    );
+
+    // A broken renewal (a key that is not the certificate's) is refused: the last good pair
+    // is still served, and the log says why.
+    let (_, other_key) = renewal.issue("other", &["127.0.0.1"]);
+    std::fs::rename(&other_key, &pki.key).expect("rename the key");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for _ in 0..3 {
+        let r = renewed.get(&url).send().await.expect("still served");
+        assert!(r.status().is_success());
+    }
+    assert!(
+        controller
+            .log()
+            .contains("cannot be used; still serving the previous one"),
+        "{}",
+        controller.log()
+    );
+}
+
 #[tokio::test]
 async fn clients_that_do_not_trust_the_ca_are_refused() {
     let pki = pki();
