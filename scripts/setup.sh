@@ -59,6 +59,20 @@ fi
 # The packaged service would start a system containerd; the project's tests and demo run their
 # own instances, so leave the system one as the administrator configured it.
 
+# mosquitto, the original design's example: an end-to-end test migrates a real broker. Its
+# package would start a broker on this machine; a policy-rc.d of our own (only if there is none)
+# keeps it from starting any service while it installs.
+if ! command -v mosquitto >/dev/null || ! command -v mosquitto_sub >/dev/null; then
+    say "installing mosquitto and its clients from bookworm (no service started)"
+    policy=/usr/sbin/policy-rc.d
+    ours=
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy" && ours=1
+    fi
+    apt-get install -y -qq --no-install-recommends mosquitto mosquitto-clients >/dev/null
+    if [ -n "$ours" ]; then rm -f "$policy"; fi
+fi
+
 # --- CRIU 4.2 in a private prefix ----------------------------------------------------------------
 CRIU_DIR=$PREFIX/criu
 CRIU_PKGS="criu libcompel1 libbsd0 libc6 libc-gconv-modules-extra gcc-16-base libgcc-s1 libffi8 libgmp10

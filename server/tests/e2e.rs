@@ -1054,3 +1054,217 @@ fn mig_dir_leftovers(state: &Path) -> Vec<String> {
         })
         .collect()
 }
+
+/// The broker's configuration in the mosquitto image: anonymous clients on port 1883 of the
+/// container's own network namespace, and no persistence, so a retained message exists only
+/// in the broker's memory.
+const MOSQUITTO_CONF: &str = "listener 1883\nallow_anonymous true\npersistence false\nuser root\n";
+
+/// The original design's example: a real mosquitto broker (Debian's binary and its libraries
+/// in an image of their own) under the mig runtime on node01, in a network namespace of its
+/// own. Retained messages published to it live only in its memory (persistence is off); after
+/// `POST /migrate` of the workload `mosquitto` to node02 a subscriber there gets them all, so
+/// the broker's memory moved, its listening socket and network namespace came with it, and it
+/// is gone from node01.
+#[test]
+fn mosquitto_broker_migrates_with_its_retained_messages() {
+    const TEST: &str = "mosquitto_broker_migrates_with_its_retained_messages";
+    if !prerequisites(TEST) {
+        return;
+    }
+    for tool in [
+        "criu",
+        "ip",
+        "nsenter",
+        "ldd",
+        "mosquitto_pub",
+        "mosquitto_sub",
+    ] {
+        if mig_e2e::prereq::find_on_path(tool).is_none() {
+            skip(
+                TEST,
+                &format!("`{tool}` is not on PATH (scripts/setup.sh installs it)"),
+            );
+            return;
+        }
+    }
+    let Some(broker) = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| p.is_file())
+    else {
+        skip(
+            TEST,
+            "no mosquitto binary (scripts/setup.sh installs Debian's mosquitto)",
+        );
+        return;
+    };
+    let mut files =
+        mig_e2e::image::program_with_libraries(broker, "usr/sbin/mosquitto").expect("broker");
+    files.push(mig_e2e::ImageFile {
+        path: "etc/mosquitto/mosquitto.conf".into(),
+        mode: 0o644,
+        contents: MOSQUITTO_CONF.as_bytes().to_vec(),
+    });
+    let image = TestImage::busybox_with_files(
+        "docker.io/library/mig-mosquitto:test",
+        &["/usr/sbin/mosquitto", "-c", "/etc/mosquitto/mosquitto.conf"],
+        &files,
+    )
+    .expect("image");
+    let c = Cluster::start(&[], &image);
+    let label = format!("{WORKLOAD_LABEL}=mosquitto");
+    c.a.ctr_ok(&[
+        "run",
+        "-d",
+        "--null-io",
+        "--runtime",
+        MIG_RUNTIME,
+        "--label",
+        &label,
+        &image.name,
+        "mosquitto",
+    ])
+    .expect("run the broker");
+    let pid = task_pid(&c.a, "mosquitto");
+    // ctr gives the container a network namespace with only `lo`, down.
+    run_ok(Command::new("nsenter").args([
+        "-t",
+        &pid.to_string(),
+        "-n",
+        "ip",
+        "link",
+        "set",
+        "lo",
+        "up",
+    ]));
+
+    let nonce = rand_suffix();
+    let messages: Vec<(String, String)> = (0..3)
+        .map(|i| (format!("mig/state/{i}"), format!("retained-{i}-{nonce}")))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for (topic, message) in &messages {
+        loop {
+            let out = mqtt(
+                pid,
+                "mosquitto_pub",
+                &["-r", "-q", "1", "-t", topic, "-m", message],
+            );
+            if out.status.success() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the broker did not take a message within 20s: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+    assert_eq!(
+        retained(pid, messages.len()),
+        expected(&messages),
+        "before the migration"
+    );
+
+    let migrate = json!({"deployment": "mosquitto", "originNode": "node01", "destNode": "node02"});
+    let (s, m) = c.api("POST", "/migrate", Some(&migrate), true);
+    assert_eq!(s, 202, "{m}");
+    let m = c.wait_terminal(m["id"].as_str().expect("id"));
+    assert_eq!(m["phase"], "done", "{m}");
+    assert_eq!(m["containers"], json!(["mosquitto"]), "{m}");
+
+    c.b.wait_for_status("mosquitto", "RUNNING", Duration::from_secs(10))
+        .expect("running on node02");
+    let moved = task_pid(&c.b, "mosquitto");
+    assert_eq!(
+        retained(moved, messages.len()),
+        expected(&messages),
+        "the broker on node02 lost its retained messages (started afresh?)"
+    );
+    // And it still takes new ones.
+    let out = mqtt(
+        moved,
+        "mosquitto_pub",
+        &["-r", "-q", "1", "-t", "mig/after", "-m", "after"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        c.a.tasks()
+            .expect("tasks")
+            .iter()
+            .all(|t| t.id != "mosquitto"),
+        "the broker is still on node01"
+    );
+    let origin = c.a.ctr_ok(&["containers", "ls", "-q"]).expect("containers");
+    assert!(!origin.lines().any(|l| l == "mosquitto"), "{origin}");
+    // Both nodes share one containerd namespace: remove the broker here.
+    c.b.ctr_ok(&["tasks", "rm", "-f", "mosquitto"])
+        .expect("rm task");
+    c.b.ctr_ok(&["containers", "rm", "mosquitto"])
+        .expect("rm container");
+}
+
+fn task_pid(node: &Node, id: &str) -> u32 {
+    node.wait_for_status(id, "RUNNING", Duration::from_secs(20))
+        .expect("running");
+    node.tasks()
+        .expect("tasks")
+        .into_iter()
+        .find(|t| t.id == id)
+        .map(|t| t.pid)
+        .expect("task")
+}
+
+fn run_ok(cmd: &mut Command) {
+    let out = cmd.output().expect("run");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A mosquitto client run in the network namespace of process `pid`, against its port 1883.
+fn mqtt(pid: u32, client: &str, args: &[&str]) -> std::process::Output {
+    let pid = pid.to_string();
+    let mut cmd = Command::new("nsenter");
+    cmd.args(["-t", &pid, "-n", client, "-h", "127.0.0.1", "-p", "1883"])
+        .args(args);
+    mig_e2e::command::output_with_timeout(&mut cmd, Duration::from_secs(20)).expect("client")
+}
+
+/// The retained messages under mig/state/ the broker of process `pid` gives a new subscriber,
+/// as "topic message" lines, sorted; waits for `n` of them (5 s at most).
+fn retained(pid: u32, n: usize) -> Vec<String> {
+    let out = mqtt(
+        pid,
+        "mosquitto_sub",
+        &["-t", "mig/state/#", "-v", "-C", &n.to_string(), "-W", "5"],
+    );
+    let mut lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    lines.sort();
+    if lines.len() < n {
+        // What the client said, for the assertion that follows.
+        lines.push(format!(
+            "(mosquitto_sub: {}; {})",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    lines
+}
+
+fn expected(messages: &[(String, String)]) -> Vec<String> {
+    let mut lines: Vec<String> = messages.iter().map(|(t, m)| format!("{t} {m}")).collect();
+    lines.sort();
+    lines
+}

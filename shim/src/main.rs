@@ -13,6 +13,10 @@ fn main() {
         println!("runtime {RUNTIME_ID}, task API v3 (containerd >= 2.0)");
         return;
     }
+    // runc runs this binary as the createRuntime hook of a CRIU restore (see `loopback`).
+    if std::env::args().nth(1).as_deref() == Some(mig_shim::loopback::HOOK_ARG) {
+        std::process::exit(mig_shim::loopback::hook_main());
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

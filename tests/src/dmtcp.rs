@@ -9,7 +9,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 use crate::prereq::find_on_path;
-use crate::{ImageFile, Skip, TestImage};
+use crate::{Skip, TestImage};
 
 /// Where DMTCP is: `MIG_DMTCP_DIR`, the install root of `dmtcp_launch` on PATH, or /opt/dmtcp.
 pub fn find_dmtcp() -> Option<PathBuf> {
@@ -67,36 +67,7 @@ pub fn counter_image() -> Result<TestImage> {
     if !out.status.success() {
         bail!("gcc: {}", String::from_utf8_lossy(&out.stderr));
     }
-    let mut files = vec![ImageFile {
-        path: "counter".into(),
-        mode: 0o755,
-        contents: fs::read(&bin)?,
-    }];
-    let ldd = Command::new("ldd")
-        .arg(&bin)
-        .output()
-        .context("running ldd")?;
-    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
-        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
-        let path = match line.split_once("=>") {
-            Some((_, rest)) => rest.split_whitespace().next(),
-            None => line.split_whitespace().next(),
-        };
-        let Some(path) = path.filter(|p| p.starts_with('/')) else {
-            continue;
-        };
-        files.push(ImageFile {
-            path: path.trim_start_matches('/').to_string(),
-            mode: 0o755,
-            contents: fs::read(path).with_context(|| format!("reading {path}"))?,
-        });
-    }
-    if files.len() < 3 {
-        bail!(
-            "ldd found no libraries for the counter: {}",
-            String::from_utf8_lossy(&ldd.stdout)
-        );
-    }
+    let files = crate::image::program_with_libraries(&bin, "counter")?;
     TestImage::busybox_with_files(
         "docker.io/library/mig-dmtcp-counter:test",
         &["/counter"],

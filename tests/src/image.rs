@@ -88,6 +88,44 @@ impl TestImage {
     }
 }
 
+/// The program `bin` as the image file `path_in_image` (mode 0755), followed by every shared
+/// library `ldd` lists for it (the dynamic loader included), at their host paths: what an image
+/// needs to run a dynamically linked program of this machine.
+pub fn program_with_libraries(bin: &Path, path_in_image: &str) -> Result<Vec<ImageFile>> {
+    let mut files = vec![ImageFile {
+        path: path_in_image.trim_start_matches('/').to_string(),
+        mode: 0o755,
+        contents: fs::read(bin).with_context(|| format!("reading {}", bin.display()))?,
+    }];
+    let ldd = Command::new("ldd")
+        .arg(bin)
+        .output()
+        .context("running ldd")?;
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+        let path = match line.split_once("=>") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => line.split_whitespace().next(),
+        };
+        let Some(path) = path.filter(|p| p.starts_with('/')) else {
+            continue;
+        };
+        files.push(ImageFile {
+            path: path.trim_start_matches('/').to_string(),
+            mode: 0o755,
+            contents: fs::read(path).with_context(|| format!("reading {path}"))?,
+        });
+    }
+    if files.len() < 3 {
+        anyhow::bail!(
+            "ldd found no libraries for {}: {}",
+            bin.display(),
+            String::from_utf8_lossy(&ldd.stdout)
+        );
+    }
+    Ok(files)
+}
+
 /// A regular file of a test image.
 #[derive(Debug, Clone)]
 pub struct ImageFile {

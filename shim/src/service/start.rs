@@ -341,6 +341,7 @@ impl Service {
             .restore_from
             .clone()
             .ok_or_else(|| Error::Other(format!("container {} has no checkpoint", c.id)))?;
+        add_loopback_hook(&c.bundle)?;
         let (child, pending) = PendingIo::prepare(&c.init.paths)?;
         let opts = crate::runc::RestoreOpts {
             work_path: c.bundle.join("criu-work"),
@@ -463,4 +464,19 @@ impl Service {
         );
         Ok(())
     }
+}
+
+/// Before a CRIU restore, has runc bring `lo` up in the restored container's own network
+/// namespace, as it does when it creates a container (see [`crate::loopback`]).
+fn add_loopback_hook(bundle: &std::path::Path) -> Result<()> {
+    let Some(mut spec) = load_spec(bundle)? else {
+        return Ok(());
+    };
+    let shim = std::env::current_exe()
+        .map_err(|e| Error::Other(format!("find this shim's binary for the restore hook: {e}")))?;
+    if crate::loopback::add_restore_hook(&mut spec, &shim).map_err(Error::Other)? {
+        spec.save(bundle.join("config.json"))
+            .map_err(|e| Error::Other(format!("write the spec with the restore hook: {e}")))?;
+    }
+    Ok(())
 }
