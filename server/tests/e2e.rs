@@ -1065,24 +1065,46 @@ const MOSQUITTO_CONF: &str = "listener 1883\nallow_anonymous true\npersistence f
 /// own. Retained messages published to it live only in its memory (persistence is off); after
 /// `POST /migrate` of the workload `mosquitto` to node02 a subscriber there gets them all, so
 /// the broker's memory moved, its listening socket and network namespace came with it, and it
-/// is gone from node01.
+/// is gone from node01. CRIU here; DMTCP below.
 #[test]
 fn mosquitto_broker_migrates_with_its_retained_messages() {
     const TEST: &str = "mosquitto_broker_migrates_with_its_retained_messages";
+    if !prerequisites(TEST) || mig_e2e::prereq::find_on_path("criu").is_none() {
+        return skip(TEST, "`criu` is not on PATH");
+    }
+    mosquitto_migrates(TEST, &[]);
+}
+
+/// The same broker and migration with the DMTCP engine: the broker runs under `dmtcp_launch`
+/// (the restore-hook is the container's init) and is restarted from its DMTCP images on node02.
+#[test]
+fn mosquitto_broker_under_dmtcp_migrates_with_its_retained_messages() {
+    const TEST: &str = "mosquitto_broker_under_dmtcp_migrates_with_its_retained_messages";
     if !prerequisites(TEST) {
         return;
     }
-    for tool in [
-        "criu",
-        "ip",
-        "nsenter",
-        "ldd",
-        "mosquitto_pub",
-        "mosquitto_sub",
-    ] {
+    let (dmtcp, hook) = match mig_e2e::dmtcp::prerequisites() {
+        Ok(found) => found,
+        Err(missing) => return missing.report(TEST),
+    };
+    let (dmtcp, hook) = (dmtcp.display().to_string(), hook.display().to_string());
+    mosquitto_migrates(
+        TEST,
+        &[
+            ("MIG_ENGINE", "dmtcp"),
+            ("MIG_DMTCP_DIR", &dmtcp),
+            ("MIG_RESTORE_HOOK", &hook),
+        ],
+    );
+}
+
+/// Runs the broker on node01 with the nodes' environment `env` (the engine), publishes
+/// retained messages, migrates it to node02 and checks they are all there.
+fn mosquitto_migrates(test: &str, env: &[(&str, &str)]) {
+    for tool in ["ip", "nsenter", "ldd", "mosquitto_pub", "mosquitto_sub"] {
         if mig_e2e::prereq::find_on_path(tool).is_none() {
             skip(
-                TEST,
+                test,
                 &format!("`{tool}` is not on PATH (scripts/setup.sh installs it)"),
             );
             return;
@@ -1094,7 +1116,7 @@ fn mosquitto_broker_migrates_with_its_retained_messages() {
         .find(|p| p.is_file())
     else {
         skip(
-            TEST,
+            test,
             "no mosquitto binary (scripts/setup.sh installs Debian's mosquitto)",
         );
         return;
@@ -1112,7 +1134,7 @@ fn mosquitto_broker_migrates_with_its_retained_messages() {
         &files,
     )
     .expect("image");
-    let c = Cluster::start(&[], &image);
+    let c = Cluster::start(env, &image);
     let label = format!("{WORKLOAD_LABEL}=mosquitto");
     c.a.ctr_ok(&[
         "run",
@@ -1172,8 +1194,23 @@ fn mosquitto_broker_migrates_with_its_retained_messages() {
     let (s, m) = c.api("POST", "/migrate", Some(&migrate), true);
     assert_eq!(s, 202, "{m}");
     let m = c.wait_terminal(m["id"].as_str().expect("id"));
-    assert_eq!(m["phase"], "done", "{m}");
+    assert_eq!(
+        m["phase"],
+        "done",
+        "{m}\nnode02's shim log:\n{}",
+        c.b.log_lines_with("mosquitto")
+    );
     assert_eq!(m["containers"], json!(["mosquitto"]), "{m}");
+    // The engine asked for made the checkpoint the destination restored.
+    let engine = env
+        .iter()
+        .find(|(k, _)| *k == "MIG_ENGINE")
+        .map_or("criu", |(_, v)| *v);
+    let restored = c.b.log_lines_with("restoring from checkpoint");
+    assert!(
+        restored.contains(&format!("engine={engine} ")),
+        "node02 did not restore a {engine} checkpoint:\n{restored}"
+    );
 
     c.b.wait_for_status("mosquitto", "RUNNING", Duration::from_secs(10))
         .expect("running on node02");
