@@ -792,14 +792,22 @@ impl NodeAgent {
                     .delete_task(ns.as_str(), id.as_str(), true)
                     .await?;
             }
-            self.containerd
+            let removed = match self
+                .containerd
                 .delete_container(ns.as_str(), id.as_str())
-                .await?;
+                .await
+            {
+                Ok(()) => "removed from",
+                // A finish asked again (the controller restarted while finishing): the first
+                // one deleted the container; what it may have left is removed below.
+                Err(ContainerdError::NotFound { .. }) => "already gone from",
+                Err(e) => return Err(e.into()),
+            };
             self.store.remove(&identity)?;
             remove_if_exists(&self.mark_path(&identity.safe_key()));
             report
                 .done
-                .push(format!("{id} removed from {}", self.config.name));
+                .push(format!("{id} {removed} {}", self.config.name));
         }
         remove_dir_if_exists(&self.migration_dir(&migration));
         self.forget_progress(migration.as_str());

@@ -122,7 +122,8 @@ pub trait Containerd: Send + Sync {
     /// by [`Containerd::create_task`] if it is [`TaskStatus::Created`], else a new one (created
     /// and started). Fails if the container has a task in any other state.
     async fn start_task(&self, namespace: &str, id: &str) -> Result<(), ContainerdError>;
-    /// Deletes the (stopped) task; `force` kills it first.
+    /// Deletes the (stopped) task; `force` kills it first, and then a task that is not
+    /// there, or goes away meanwhile, counts as deleted.
     async fn delete_task(
         &self,
         namespace: &str,

@@ -459,24 +459,58 @@ impl Controller {
             namespace: record.namespace.clone(),
             containers: record.containers.clone(),
         };
-        match self
+        let outcome = self
             .within_timeout(id, self.run(id, origin, dest, &req))
-            .await
-        {
-            Ok(()) => {
-                // The workload runs on the destination: origin cleanup problems are warnings.
-                if let Err(e) = self.nodes_api.finish(origin, &req).await {
-                    warn!(migration = %id, error = %e, "origin cleanup failed");
-                    self.update(id, |m| m.warnings.push(format!("origin cleanup: {e}")));
-                }
-                // Done only once the origin is cleaned up: a client that sees `done` finds the
-                // workload on the destination alone.
-                self.advance(id, Phase::Done);
-                self.finished(id);
-                info!(migration = %id, "migration done");
+            .await;
+        match outcome {
+            Ok(()) => self.finish(id, origin, &req).await,
+            // `run` enters `finishing` last, with nothing left to wait for, so no timeout can
+            // come after it; should a failure ever do so, the workload runs on the destination
+            // and a rollback would start a second copy of it on the origin.
+            Err(reason) if self.is_finishing(id) => {
+                warn!(migration = %id, %reason, "failure after the destination ran the workload; finishing the migration");
+                self.update(id, |m| {
+                    m.warnings
+                        .push(format!("after {} ran the workload: {reason}", dest.name))
+                });
+                self.finish(id, origin, &req).await;
             }
             Err(reason) => self.recover(id, origin, dest, &req, reason).await,
         }
+    }
+
+    /// Whether `id` is `finishing`: its workload runs on the destination.
+    pub(crate) fn is_finishing(&self, id: &str) -> bool {
+        self.migration(id)
+            .is_some_and(|m| m.phase == Phase::Finishing)
+    }
+
+    /// Moves `id` to `finishing` (the workload runs on the destination, see
+    /// [`Migration::advance`]) and journals it; a record already there is left as it is.
+    pub(crate) fn enter_finishing(&self, id: &str) {
+        self.update(id, |m| {
+            if m.phase != Phase::Finishing
+                && let Err(e) = m.advance(Phase::Finishing)
+            {
+                warn!(migration = %id, error = %e, "state machine refused a transition");
+            }
+        });
+        self.persist_or_warn(id);
+    }
+
+    /// The workload runs on the destination (`finishing`): the origin's stopped containers
+    /// and their checkpoint are removed, and the migration is done. Cleanup problems are
+    /// warnings.
+    async fn finish(&self, id: &str, origin: &NodeInfo, req: &ContainersRequest) {
+        if let Err(e) = self.nodes_api.finish(origin, req).await {
+            warn!(migration = %id, error = %e, "origin cleanup failed");
+            self.update(id, |m| m.warnings.push(format!("origin cleanup: {e}")));
+        }
+        // Done only once the origin is cleaned up: a client that sees `done` finds the
+        // workload on the destination alone.
+        self.advance(id, Phase::Done);
+        self.finished(id);
+        info!(migration = %id, "migration done");
     }
 
     /// Runs a migration's work within the migration timeout; when it runs out, the reason names
@@ -572,11 +606,9 @@ impl Controller {
             .restore(dest, req)
             .await
             .map_err(|e| e.to_string())?;
-        self.update(id, |m| {
-            m.mark_running_again();
-            m.destination_running = true;
-        });
-        self.persist_or_warn(id);
+        // The workload runs on the destination: the downtime and the restore end here, and
+        // the origin's cleanup is `finishing`, not `restoring`.
+        self.enter_finishing(id);
         Ok(())
     }
 
@@ -590,6 +622,8 @@ impl Controller {
     ) {
         warn!(migration = %id, %reason, "migration failed; recovering");
         let mut recovery = Vec::new();
+        // Never `finishing` here (see `drive`): the workload does not run on the destination
+        // yet, or may (`restoring`).
         // Once the destination was asked to restore, it may run the workload even though the
         // call failed (a lost answer, a timeout): it is cleared first, so that the origin
         // never resumes beside a copy. Before that, the origin first: its restart is the

@@ -1,7 +1,7 @@
 //! The migration record and its state machine.
 //!
 //! ```text
-//! pending -> checkpointing -> transferring -> restoring -> done
+//! pending -> checkpointing -> transferring -> restoring -> finishing -> done
 //!    \            \                \              \
 //!     +------------+----------------+--------------+--> failed       (origin untouched, or
 //!                                                                    rollback itself failed)
@@ -11,7 +11,8 @@
 //! ```
 //!
 //! Only [`Migration::advance`] and [`Migration::fail`] change the phase, so the record can never
-//! go back to a running phase or leave a terminal one.
+//! go back to a running phase or leave a terminal one. `finishing` has no way out but `done`:
+//! the workload runs on the destination by then, and nothing may roll it back to the origin.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -29,6 +30,9 @@ pub enum Phase {
     Transferring,
     /// The destination is restoring.
     Restoring,
+    /// The workload runs on the destination; the origin's stopped copy and its checkpoint are
+    /// being removed.
+    Finishing,
     /// Running on the destination and gone from the origin.
     Done,
     /// Failed; the workload was never stopped, or could not be restored anywhere (see reason).
@@ -39,11 +43,12 @@ pub enum Phase {
 
 impl Phase {
     /// Every phase, in order.
-    pub const ALL: [Phase; 7] = [
+    pub const ALL: [Phase; 8] = [
         Phase::Pending,
         Phase::Checkpointing,
         Phase::Transferring,
         Phase::Restoring,
+        Phase::Finishing,
         Phase::Done,
         Phase::Failed,
         Phase::RolledBack,
@@ -61,6 +66,7 @@ impl Phase {
             Phase::Checkpointing => "checkpointing",
             Phase::Transferring => "transferring",
             Phase::Restoring => "restoring",
+            Phase::Finishing => "finishing",
             Phase::Done => "done",
             Phase::Failed => "failed",
             Phase::RolledBack => "rolled_back",
@@ -72,7 +78,8 @@ impl Phase {
             Phase::Pending => Some(Phase::Checkpointing),
             Phase::Checkpointing => Some(Phase::Transferring),
             Phase::Transferring => Some(Phase::Restoring),
-            Phase::Restoring => Some(Phase::Done),
+            Phase::Restoring => Some(Phase::Finishing),
+            Phase::Finishing => Some(Phase::Done),
             _ => None,
         }
     }
@@ -170,8 +177,9 @@ pub struct Migration {
     pub failure: Option<Failure>,
     /// Problems that did not fail the migration (e.g. origin cleanup after success).
     pub warnings: Vec<String>,
-    /// The destination reported the workload running (journaled before the origin is cleaned
-    /// up, so a controller that restarts then only finishes the migration).
+    /// The destination reported the workload running: set on entering `finishing`, which is
+    /// journaled before the origin is cleaned up, so a controller that restarts then only
+    /// finishes the migration. (Records of earlier versions set it while `restoring`.)
     #[serde(default)]
     pub destination_running: bool,
     /// Kubernetes mode: the Deployment, its old and new pods, the steps taken.
@@ -265,7 +273,8 @@ impl Migration {
         }
     }
 
-    /// Moves to the next phase; `to` must be it.
+    /// Moves to the next phase; `to` must be it. Entering `finishing` records that the
+    /// workload runs on the destination: the downtime ends and `destination_running` is set.
     pub fn advance(&mut self, to: Phase) -> Result<(), TransitionError> {
         if self.phase.next() != Some(to) {
             return Err(TransitionError {
@@ -275,20 +284,16 @@ impl Migration {
             });
         }
         let now = Instant::now();
-        if to == Phase::Checkpointing {
-            self.clock.downtime_started = Some(now);
-        }
-        if to == Phase::Done {
-            self.workload_running_again(now);
+        match to {
+            Phase::Checkpointing => self.clock.downtime_started = Some(now),
+            Phase::Finishing => {
+                self.workload_running_again(now);
+                self.destination_running = true;
+            }
+            _ => {}
         }
         self.enter(to, now);
         Ok(())
-    }
-
-    /// Records that the workload runs on the destination: the downtime ends here, before the
-    /// origin is cleaned up and the migration is `Done`.
-    pub fn mark_running_again(&mut self) {
-        self.workload_running_again(Instant::now());
     }
 
     fn workload_running_again(&mut self, now: Instant) {
@@ -299,6 +304,7 @@ impl Migration {
 
     /// Ends the migration as `Failed` or `RolledBack` with the reason and what was done.
     /// `restored_on_origin` says the workload was stopped and runs on the origin again.
+    /// Refused once terminal, and in `finishing`: the workload runs on the destination.
     pub fn fail(
         &mut self,
         reason: String,
@@ -310,7 +316,7 @@ impl Migration {
         } else {
             Phase::Failed
         };
-        if self.phase.is_terminal() {
+        if self.phase.is_terminal() || self.phase == Phase::Finishing {
             return Err(TransitionError {
                 id: self.id.clone(),
                 from: self.phase,
@@ -393,12 +399,13 @@ mod tests {
             Phase::Checkpointing,
             Phase::Transferring,
             Phase::Restoring,
+            Phase::Finishing,
             Phase::Done,
         ] {
             m.advance(p).expect("advance");
         }
         assert_eq!(m.phase, Phase::Done);
-        assert_eq!(m.timings.len(), 4);
+        assert_eq!(m.timings.len(), 5);
         assert!(m.timings.iter().all(|t| t.duration_ms.is_some()));
         assert!(m.downtime_ms.is_some());
         assert!(m.duration_ms.is_some());
@@ -441,6 +448,79 @@ mod tests {
         assert!(back.duration_ms.expect("duration") >= 5_000, "{back:?}");
         assert!(back.downtime_ms.expect("downtime") >= 5_000, "{back:?}");
         assert!(back.timings[1].duration_ms.expect("checkpointing") >= 5_000);
+    }
+
+    #[test]
+    fn finishing_ends_the_downtime_and_can_only_end_done() {
+        let mut m = migration();
+        for p in [Phase::Checkpointing, Phase::Transferring, Phase::Restoring] {
+            m.advance(p).expect("advance");
+        }
+        assert_eq!((m.downtime_ms, m.destination_running), (None, false));
+        m.advance(Phase::Finishing).expect("advance");
+        assert!(m.downtime_ms.is_some(), "{m:?}");
+        assert!(m.destination_running);
+        assert!(!Phase::Finishing.is_terminal());
+        let restoring = &m.timings[3];
+        assert_eq!(restoring.phase, Phase::Restoring);
+        assert!(
+            restoring.duration_ms.is_some(),
+            "closed on finishing: {m:?}"
+        );
+        // The workload runs on the destination: nothing may fail it or roll it back.
+        assert!(m.fail("late".into(), vec![], true).is_err());
+        assert!(m.fail("late".into(), vec![], false).is_err());
+        assert_eq!((m.phase, m.failure.as_ref()), (Phase::Finishing, None));
+        let downtime = m.downtime_ms;
+        m.advance(Phase::Done).expect("advance");
+        assert_eq!(m.downtime_ms, downtime, "the cleanup is no downtime");
+        assert!(m.phase_duration(Phase::Finishing).is_some());
+    }
+
+    #[test]
+    fn every_phase_has_its_json_name_and_the_running_ones_their_order() {
+        for p in Phase::ALL {
+            assert_eq!(serde_json::to_value(p).expect("json"), p.as_str());
+            let back: Phase = serde_json::from_value(p.as_str().into()).expect("parse");
+            assert_eq!(back, p);
+        }
+        let mut order = vec![Phase::Pending];
+        while let Some(next) = order.last().and_then(|p| p.next()) {
+            order.push(next);
+        }
+        assert_eq!(order, Phase::ALL[..6]);
+    }
+
+    #[test]
+    fn a_record_journaled_by_the_previous_version_while_restoring_finishes() {
+        // Written before `finishing` existed: the destination ran, still `restoring`.
+        let old = r#"{"id":"mig-1-0","target":{"kind":"deployment","name":"counter"},
+            "namespace":"default","originNode":"node01","destNode":"node02","phase":"restoring",
+            "containers":["counter"],"createdUnixMs":1700000000000,"checkpointBytes":10,
+            "bytesTransferred":5,"timings":[
+              {"phase":"pending","started_ms":0,"duration_ms":3},
+              {"phase":"checkpointing","started_ms":3,"duration_ms":100},
+              {"phase":"transferring","started_ms":103,"duration_ms":50},
+              {"phase":"restoring","started_ms":153,"duration_ms":null}],
+            "downtimeMs":300,"durationMs":null,"failure":null,"warnings":[],
+            "destinationRunning":true}"#;
+        let mut m: Migration = serde_json::from_str(old).expect("old record");
+        m.resume_clock();
+        assert_eq!(m.phase, Phase::Restoring);
+        m.advance(Phase::Finishing).expect("advance");
+        m.advance(Phase::Done).expect("advance");
+        assert_eq!(m.downtime_ms, Some(300), "journaled downtime kept");
+        let phases: Vec<&str> = m.timings.iter().map(|t| t.phase.as_str()).collect();
+        assert_eq!(
+            phases,
+            [
+                "pending",
+                "checkpointing",
+                "transferring",
+                "restoring",
+                "finishing"
+            ]
+        );
     }
 
     #[test]

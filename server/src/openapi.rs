@@ -3,11 +3,14 @@
 
 use serde_json::{Value, json};
 
+use crate::migration::Phase;
+
 /// The document.
 pub fn document() -> Value {
     let error = json!({"$ref": "#/components/schemas/Error"});
     let err = |desc: &str| json!({"description": desc, "content": {"application/json": {"schema": error}}});
     let bearer = json!([{"bearer": []}]);
+    let phases: Vec<&str> = Phase::ALL.iter().map(|p| p.as_str()).collect();
     // Apart, to keep the document's json! under the macro recursion limit.
     let kubernetes_report = json!({"type": "object", "description": "Kubernetes mode only", "properties": {
         "deployment": {"type": "string"}, "replicas": {"type": "integer"},
@@ -41,15 +44,15 @@ pub fn document() -> Value {
                     "id": {"type": "string"},
                     "target": {"type": "object", "properties": {"kind": {"enum": ["deployment", "pod", "container"]}, "name": {"type": "string"}}},
                     "namespace": {"type": "string"}, "originNode": {"type": "string"}, "destNode": {"type": "string"},
-                    "phase": {"enum": ["pending", "checkpointing", "transferring", "restoring", "done", "failed", "rolled_back"]},
+                    "phase": {"enum": phases, "description": "finishing: the workload runs on the destination; the origin's stopped copy and its checkpoint are being removed"},
                     "containers": {"type": "array", "items": {"type": "string"}},
                     "createdUnixMs": {"type": "integer"},
                     "checkpointBytes": {"type": "integer"}, "bytesTransferred": {"type": "integer"},
                     "timings": {"type": "array", "items": {"type": "object", "properties": {
-                        "phase": {"type": "string"}, "started_ms": {"type": "integer"}, "duration_ms": {"type": ["integer", "null"]}}}},
+                        "phase": {"enum": phases}, "started_ms": {"type": "integer"}, "duration_ms": {"type": ["integer", "null"]}}}},
                     "downtimeMs": {"type": ["integer", "null"]}, "durationMs": {"type": ["integer", "null"]},
                     "failure": {"type": ["object", "null"], "properties": {
-                        "phase": {"type": "string"}, "reason": {"type": "string"},
+                        "phase": {"enum": phases}, "reason": {"type": "string"},
                         "recovery": {"type": "array", "items": {"type": "string"}}}},
                     "warnings": {"type": "array", "items": {"type": "string"}},
                     "destinationRunning": {"type": "boolean", "description": "the destination reported the workload running"},
@@ -92,4 +95,28 @@ pub fn document() -> Value {
                               "404": err("no such migration")}}}
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_phase_enum_lists_every_phase_in_order() {
+        let doc = document();
+        let phases = &doc["components"]["schemas"]["Migration"]["properties"]["phase"]["enum"];
+        assert_eq!(
+            phases,
+            &json!([
+                "pending",
+                "checkpointing",
+                "transferring",
+                "restoring",
+                "finishing",
+                "done",
+                "failed",
+                "rolled_back"
+            ])
+        );
+    }
 }

@@ -3,16 +3,19 @@
 //! controller that drove it died, and the workload may be stopped on the origin.
 //!
 //! ```text
-//! the destination runs every container      origin: finish (cleanup)        -> done, with a
-//! (journaled as running, or it says so)     destination: restore completes     warning
-//!                                           its bookkeeping
+//! the destination runs every container      -> finishing: origin: finish         -> done, with a
+//! (journaled as finishing, or it says so)   (cleanup); destination: restore         warning
+//!                                           completes its bookkeeping
 //! anything else                             destination: abort               -> rolled_back
 //!                                           origin: rollback (restores from     (or failed)
 //!                                           its own checkpoint; a no-op if it
 //!                                           still runs)
 //! ```
 //!
-//! Only a migration journaled as `restoring` can run on the destination: the restore is never
+//! A migration journaled as `finishing` runs on the destination (the driver journals that
+//! phase when the restore returned): it is only finished, never rolled back, and an origin
+//! that does not come back is a warning, not a failure. Only a migration journaled as
+//! `restoring` may run on the destination without its record saying so: the restore is never
 //! asked for before that phase is on disk. So only then is the destination asked, and waited
 //! for while unreachable (up to the migration timeout); in earlier phases its abort is a
 //! cleanup, tried once (its agent also removes what it created ahead when it restarts). The
@@ -21,8 +24,10 @@
 //! the migration timeout, as agents register again.
 //!
 //! A Kubernetes-mode migration is resolved from its journaled plan and stage by
-//! [`crate::kube`]'s driver (`kube/resume.rs`); one journaled before plans were (or found by a
-//! controller not in Kubernetes mode) is only reported, naming what to check.
+//! [`crate::kube`]'s driver (`kube/resume.rs`); one whose new pod already ran is finished
+//! (that takes the origin's agent only, not the Kubernetes API); one journaled before plans
+//! were (or found by a controller not in Kubernetes mode) is only reported, naming what to
+//! check.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -93,8 +98,14 @@ impl Controller {
         warn!(migration = %id, phase = record.phase.as_str(), origin = %record.origin_node,
               dest = %record.dest_node, "resolving a migration interrupted by a controller restart");
         if let Some(k) = &record.kubernetes {
-            if let (Some(kube), Some(plan)) = (kube, Plan::from_record(&record)) {
-                return self.resume_kube(kube, plan, &record, why).await;
+            match (kube, Plan::from_record(&record)) {
+                (_, Some(plan)) if record.destination_running => {
+                    return self.finish_kube_after_restart(&plan, &record, &why).await;
+                }
+                (Some(kube), Some(plan)) => {
+                    return self.resume_kube(kube, plan, &record, why).await;
+                }
+                _ => {}
             }
             let not = if kube.is_none() {
                 "this controller is not in Kubernetes mode"
@@ -110,15 +121,12 @@ impl Controller {
             return self.conclude(id, why, recovery, false);
         }
         let deadline = Instant::now() + self.config.migration_timeout;
-        let Some(origin) = self.wait_node(&record.origin_node, deadline).await else {
-            let recovery = vec![format!(
-                "ROLLBACK NOT POSSIBLE: origin node {} did not register within {:?}; the workload \
-                 may be stopped there with its checkpoint (starting its containers' tasks again \
-                 restores them)",
-                record.origin_node, self.config.migration_timeout
-            )];
-            return self.conclude(id, why, recovery, false);
-        };
+        // A destination that runs the workload decides without the origin, which is only to
+        // be cleaned up then.
+        let origin = self.wait_node(&record.origin_node, deadline).await;
+        if origin.is_none() && !record.destination_running && record.phase != Phase::Restoring {
+            return self.conclude(id, why, self.origin_missing(&record), false);
+        }
         // Only a destination that may run the workload decides anything worth waiting for.
         let dest = if record.phase == Phase::Restoring && !record.destination_running {
             self.wait_node(&record.dest_node, deadline).await
@@ -136,27 +144,53 @@ impl Controller {
             (None, Phase::Restoring) => Destination::Unknown,
             _ => Destination::DoesNotRun,
         };
-        if destination == Destination::Runs {
-            self.complete(id, &record, &origin, dest.as_ref(), &req, why, deadline)
+        match (destination, origin) {
+            (Destination::Runs, origin) => {
+                self.complete(
+                    id,
+                    &record,
+                    origin.as_ref(),
+                    dest.as_ref(),
+                    &req,
+                    why,
+                    deadline,
+                )
                 .await
-        } else {
-            self.roll_back(id, &origin, dest.as_ref(), &req, destination, why, deadline)
-                .await
+            }
+            (destination, Some(origin)) => {
+                self.roll_back(id, &origin, dest.as_ref(), &req, destination, why, deadline)
+                    .await
+            }
+            (_, None) => self.conclude(id, why, self.origin_missing(&record), false),
         }
     }
 
-    /// The destination runs the workload: what the interrupted controller had left to do.
+    /// The recovery of a migration whose origin did not register in time, and whose
+    /// destination does not run the workload.
+    fn origin_missing(&self, record: &Migration) -> Vec<String> {
+        vec![format!(
+            "ROLLBACK NOT POSSIBLE: origin node {} did not register within {:?}; the workload \
+             may be stopped there with its checkpoint (starting its containers' tasks again \
+             restores them)",
+            record.origin_node, self.config.migration_timeout
+        )]
+    }
+
+    /// The destination runs the workload: the migration is `finishing`, and what the
+    /// interrupted controller had left to do is done. `origin` is `None` when it did not
+    /// register in time: its cleanup is then left, and said so in a warning.
     #[allow(clippy::too_many_arguments)]
     async fn complete(
         &self,
         id: &str,
         record: &Migration,
-        origin: &NodeInfo,
+        origin: Option<&NodeInfo>,
         dest: Option<&NodeInfo>,
         req: &ContainersRequest,
         why: String,
         deadline: Instant,
     ) {
+        self.enter_finishing(id);
         let mut warnings = Vec::new();
         if let (false, Some(dest)) = (record.destination_running, dest) {
             // The restore's own end (incoming marks, its records) may not have happened; asked
@@ -167,18 +201,28 @@ impl Controller {
                 Err(e) => warnings.push(format!("completing the restore on {}: {e}", dest.name)),
             }
         }
-        match self
-            .patiently(deadline, || self.nodes_api.finish(origin, req))
-            .await
-        {
-            Ok(_) => {}
-            Err(e) => {
-                warn!(migration = %id, error = %e, "origin cleanup failed");
-                warnings.push(format!("origin cleanup: {e}"));
+        match origin {
+            Some(origin) => {
+                if let Err(e) = self
+                    .patiently(deadline, || self.nodes_api.finish(origin, req))
+                    .await
+                {
+                    warn!(migration = %id, error = %e, "origin cleanup failed");
+                    warnings.push(format!("origin cleanup: {e}"));
+                }
+            }
+            None => {
+                warn!(migration = %id, origin = %record.origin_node, "origin not registered; its cleanup is left");
+                warnings.push(format!(
+                    "origin cleanup not done: {} did not register within {:?}; its stopped \
+                     containers [{}] and their checkpoint are left there",
+                    record.origin_node,
+                    self.config.migration_timeout,
+                    req.containers.join(", ")
+                ));
             }
         }
         self.update(id, |m| {
-            m.destination_running = true;
             m.warnings.push(format!(
                 "{why}; {} already ran the workload, so the new controller finished the migration",
                 m.dest_node

@@ -110,6 +110,12 @@ async fn lifecycle(node: &Node, image: &TestImage, runtime: &str, tag: &str) {
         .await
         .expect("force delete created");
     assert_eq!(api.task_status(&ns, &c).await.expect("status"), None);
+    // Forced, a task that is gone counts as deleted (a cleanup retried after an agent died
+    // mid-delete); not forced, it is an error.
+    api.delete_task(&ns, &c, true)
+        .await
+        .expect("force delete of a task that is gone");
+    assert!(api.delete_task(&ns, &c, false).await.is_err());
 
     for id in [&a, &b, &c] {
         api.delete_container(&ns, id)

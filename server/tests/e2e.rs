@@ -923,6 +923,16 @@ fn controller_killed_while_restoring_is_resolved_when_it_restarts() {
     );
 }
 
+/// As above, killed while the origin is cleaned up (`finishing`: the workload runs on the
+/// destination): the new controller only finishes the cleanup, and the migration is done.
+#[test]
+fn controller_killed_while_finishing_is_resolved_when_it_restarts() {
+    kill_the_controller_mid_migration(
+        "controller_killed_while_finishing_is_resolved_when_it_restarts",
+        "finishing",
+    );
+}
+
 /// Kills node01's server when the migration of the counter to node02 is in phase `kill_in`
 /// (the origin has stopped the workload by then) and starts it again: the workload then runs
 /// on exactly one node, with its memory, and nothing of the migration is left.
@@ -979,6 +989,10 @@ fn kill_the_controller_mid_migration(test: &str, kill_in: &str) {
         "{m}
 {}",
         log()
+    );
+    assert!(
+        kill_in != "finishing" || phase == "done",
+        "a migration whose destination ran the workload ended {phase}: {m}"
     );
     let (runs_on, gone_from) = match phase {
         "rolled_back" => (&c.a, &c.b),

@@ -461,9 +461,11 @@ async fn deployment_moves_with_its_checkpoint() {
             Phase::Pending,
             Phase::Checkpointing,
             Phase::Transferring,
-            Phase::Restoring
+            Phase::Restoring,
+            Phase::Finishing
         ]
     );
+    assert!(m.downtime_ms.is_some(), "{m:?}");
 
     let api = s.api.lock().expect("lock");
     // The new pod was created from the checkpoint streamed to the destination.
@@ -829,6 +831,76 @@ async fn a_restart_after_the_scale_up_finishes_when_the_new_pod_runs_from_the_ch
         assert!(!has_checkpoint(node));
         assert_eq!(marks(node), 0);
     }
+}
+
+/// The new pod ran and the controller died while removing the origin's checkpoint: the next
+/// one only removes it, without reading or patching the Deployment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_while_finishing_only_removes_the_origins_checkpoint() {
+    let s = setup(1, false).await;
+    let mut m = Migration::new(
+        "mig-1-0".into(),
+        Target::Deployment("mosquitto".into()),
+        "default".into(),
+        "node01".into(),
+        "node02".into(),
+    );
+    m.containers = vec!["mosquitto".into()];
+    for p in [
+        Phase::Checkpointing,
+        Phase::Transferring,
+        Phase::Restoring,
+        Phase::Finishing,
+    ] {
+        m.advance(p).expect("advance");
+    }
+    m.kubernetes = Some(KubeReport {
+        deployment: "mosquitto".into(),
+        replicas: 1,
+        selector: "app=mosquitto".into(),
+        identities: identities(),
+        stage: Some(KubeStage::ScaledUp),
+        state_restored: true,
+        ..KubeReport::default()
+    });
+    let journal = Journal::open(s.state.path()).expect("journal");
+    journal.save(&m).expect("save");
+    journal.save_nodes(|| s.nodes.to_vec()).expect("nodes");
+    drop(journal);
+    // The origin's checkpoint, as its pod's stop left it.
+    HttpNodes::new(reqwest::Client::new(), token(), Duration::from_secs(20))
+        .kube_workloads(
+            &s.nodes[0],
+            &WorkloadsRequest {
+                migration: m.id.clone(),
+                action: WorkloadAction::Mark,
+                identities: identities(),
+            },
+        )
+        .await
+        .expect("mark");
+    s.api.lock().expect("lock").stop_origin_pod();
+    assert!(has_checkpoint(&s.origin));
+    let c = restarted(&s, Duration::from_secs(20));
+    let m = resume(&c, &m.id).await;
+    assert_eq!(m.phase, Phase::Done, "{m:?}");
+    assert!(
+        m.warnings
+            .iter()
+            .any(|w| w.starts_with("the controller restarted while finishing; ")),
+        "{m:?}"
+    );
+    let steps = &m.kubernetes.as_ref().expect("kubernetes report").steps;
+    assert!(
+        steps
+            .iter()
+            .any(|step| step == "removed the checkpoint from node01"),
+        "{steps:?}"
+    );
+    assert!(!has_checkpoint(&s.origin));
+    assert_eq!(marks(&s.origin), 0);
+    let api = s.api.lock().expect("lock");
+    assert!(api.requests.is_empty(), "{:?}", api.requests);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -264,11 +264,20 @@ impl NodeApi for ScriptedNodes {
 }
 
 fn controller(state: &Path, nodes: &Arc<ScriptedNodes>) -> Arc<Controller> {
+    controller_timing_out(state, nodes, Duration::from_secs(20))
+}
+
+/// A controller on `state` whose migrations (and waits for nodes) time out after `timeout`.
+fn controller_timing_out(
+    state: &Path,
+    nodes: &Arc<ScriptedNodes>,
+    timeout: Duration,
+) -> Arc<Controller> {
     let c = Controller::new(
         ControllerConfig {
             default_namespace: "default".into(),
             default_scheme: "http".into(),
-            migration_timeout: Duration::from_secs(20),
+            migration_timeout: timeout,
             stream_during_checkpoint: true,
         },
         nodes.clone(),
@@ -358,6 +367,102 @@ fn a_destination_that_runs_the_workload_is_kept_and_the_origin_cleaned() {
     });
     assert_eq!(nodes.task(ORIGIN, "counter"), None, "left on the origin");
     assert_eq!(nodes.task(DEST, "counter"), Some(Some(TaskStatus::Running)));
+}
+
+/// The record as the journal in `state` holds it.
+fn journaled(state: &Path, id: &str) -> Migration {
+    let path = state
+        .join("controller/migrations")
+        .join(format!("{id}.json"));
+    serde_json::from_slice(&std::fs::read(&path).expect("record")).expect("json")
+}
+
+#[test]
+fn a_migration_journaled_finishing_is_finished_not_rolled_back() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let nodes = ScriptedNodes::new();
+    // The destination runs the workload; the controller dies as it asks the origin to clean up.
+    let id = die_mid_migration(dir.path(), &nodes, Hang::Before(format!("{ORIGIN} finish")));
+    let before = journaled(dir.path(), &id);
+    assert_eq!(before.phase, Phase::Finishing, "{before:?}");
+    assert!(before.destination_running && before.downtime_ms.is_some());
+    assert_eq!(
+        nodes.task(ORIGIN, "counter"),
+        Some(Some(TaskStatus::Stopped))
+    );
+    runtime().block_on(async {
+        let c = controller(dir.path(), &nodes);
+        nodes.with(|w| w.hold = Some(format!("{ORIGIN} finish")));
+        let handles = c.resume_interrupted();
+        // Not terminal: the workload stays claimed until the origin is cleaned up.
+        let refused = c.start(request()).await.expect_err("second migration");
+        assert!(
+            matches!(&refused, ControllerError::Conflict(m) if m.contains(&id)),
+            "{refused}"
+        );
+        nodes.with(|w| w.hold = None);
+        for h in handles {
+            h.await.expect("recovery");
+        }
+        let m = c.migration(&id).expect("record");
+        assert_eq!(m.phase, Phase::Done, "{m:?}");
+        assert!(m.failure.is_none(), "{m:?}");
+        assert!(
+            m.warnings
+                .iter()
+                .any(|w| w.starts_with("the controller restarted while finishing; ")),
+            "{m:?}"
+        );
+        assert_eq!(m.downtime_ms, before.downtime_ms, "the journaled downtime");
+        let phases: Vec<Phase> = m.timings.iter().map(|t| t.phase).collect();
+        assert_eq!(phases.last(), Some(&Phase::Finishing), "{m:?}");
+        // The origin is only cleaned up: the destination is not asked, nothing is undone.
+        assert_eq!(nodes.calls(), [format!("{ORIGIN} finish")]);
+    });
+    assert_eq!(nodes.task(ORIGIN, "counter"), None, "left on the origin");
+    assert_eq!(nodes.task(DEST, "counter"), Some(Some(TaskStatus::Running)));
+    assert_eq!(journaled(dir.path(), &id).phase, Phase::Done);
+}
+
+#[test]
+fn a_migration_journaled_finishing_ends_done_when_its_origin_never_comes_back() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let nodes = ScriptedNodes::new();
+    let mut m = Migration::new(
+        "mig-1-0".into(),
+        Target::Deployment("counter".into()),
+        "default".into(),
+        ORIGIN.into(),
+        DEST.into(),
+    );
+    m.containers = vec!["counter".into()];
+    for p in [
+        Phase::Checkpointing,
+        Phase::Transferring,
+        Phase::Restoring,
+        Phase::Finishing,
+    ] {
+        m.advance(p).expect("advance");
+    }
+    // Journaled without the nodes: neither registers with the new controller.
+    Journal::open(dir.path())
+        .expect("journal")
+        .save(&m)
+        .expect("save");
+    let m = runtime().block_on(async {
+        let c = controller_timing_out(dir.path(), &nodes, Duration::from_secs(1));
+        recover(&c, "mig-1-0").await
+    });
+    assert_eq!(m.phase, Phase::Done, "{m:?}");
+    assert!(m.failure.is_none(), "{m:?}");
+    assert!(
+        m.warnings.iter().any(|w| w.starts_with(&format!(
+            "origin cleanup not done: {ORIGIN} did not register within 1s; its stopped \
+             containers [counter]"
+        ))),
+        "{m:?}"
+    );
+    assert!(nodes.calls().is_empty(), "{:?}", nodes.calls());
 }
 
 #[test]

@@ -676,10 +676,18 @@ impl Containerd for Grpc {
                 Status::not_found(format!("no running task found: task {id} not found")),
             )
         };
-        let mut process = self.process(namespace, id).await?.ok_or_else(not_found)?;
+        // Forced, the point is that no task is left: one that is not there, or goes away
+        // meanwhile (its shim exiting, a delete of another caller, e.g. an agent killed
+        // mid-delete and started again), is deleted.
+        let Some(mut process) = self.process(namespace, id).await? else {
+            return if force { Ok(()) } else { Err(not_found()) };
+        };
         if force && process.pid != 0 && process.status != status::STOPPED {
             self.force_stop(namespace, id).await?;
-            process = self.process(namespace, id).await?.ok_or_else(not_found)?;
+            match self.process(namespace, id).await? {
+                Some(p) => process = p,
+                None => return Ok(()),
+            }
         }
         let deletable = match process.status {
             status::STOPPED | status::UNKNOWN => true,
@@ -700,10 +708,14 @@ impl Containerd for Grpc {
         let request = api::DeleteTaskRequest {
             container_id: id.into(),
         };
-        self.call::<_, api::DeleteResponse>(namespace, TASKS_DELETE, request)
+        match self
+            .call::<_, api::DeleteResponse>(namespace, TASKS_DELETE, request)
             .await
-            .map(drop)
-            .map_err(|s| self.failed(namespace, TASKS_DELETE, id, s))
+        {
+            Ok(_) => Ok(()),
+            Err(s) if force && s.code() == Code::NotFound => Ok(()),
+            Err(s) => Err(self.failed(namespace, TASKS_DELETE, id, s)),
+        }
     }
 
     async fn delete_container(&self, namespace: &str, id: &str) -> Result<(), ContainerdError> {

@@ -243,6 +243,16 @@ impl Controller {
         let stage = *lock(&stage);
         match outcome {
             Ok(()) => self.finish_kube(plan, id, origin).await,
+            // As outside Kubernetes: `run_kube` enters `finishing` last, and a failure after it
+            // must not undo a migration whose new pod runs.
+            Err(reason) if self.is_finishing(id) => {
+                warn!(migration = %id, %reason, "failure after the new pod ran; finishing the migration");
+                self.update(id, |m| {
+                    m.warnings
+                        .push(format!("after the new pod ran on {}: {reason}", dest.name))
+                });
+                self.finish_kube(plan, id, origin).await;
+            }
             Err(reason) => {
                 self.recover_kube(kube, plan, id, origin, dest, stage, reason)
                     .await
@@ -250,8 +260,8 @@ impl Controller {
         }
     }
 
-    /// The new pod runs on the destination from the checkpoint: the origin's marks and
-    /// checkpoint go, and the migration is done.
+    /// The new pod runs on the destination from the checkpoint (`finishing`): the origin's
+    /// marks and checkpoint go, and the migration is done.
     pub(crate) async fn finish_kube(&self, plan: &Plan, id: &str, origin: &NodeInfo) {
         match self
             .workloads(origin, id, plan, WorkloadAction::Discard)
@@ -364,8 +374,8 @@ impl Controller {
     }
 
     /// Waits until the new pod is Running and ready on `dest` and `dest` reports every
-    /// checkpoint consumed (the shim removes it once restored), then records it: from then on
-    /// a restarted controller only finishes the migration.
+    /// checkpoint consumed (the shim removes it once restored), then records it and enters
+    /// `finishing`: from then on a restarted controller only finishes the migration.
     pub(crate) async fn wait_restored(
         &self,
         kube: &KubeSettings,
@@ -403,13 +413,12 @@ impl Controller {
             ),
         );
         self.update(id, |m| {
-            m.destination_running = true;
             if let Some(k) = m.kubernetes.as_mut() {
                 k.new_pods = new_pods;
                 k.state_restored = true;
             }
         });
-        self.persist_or_warn(id);
+        self.enter_finishing(id);
         Ok(())
     }
 

@@ -20,7 +20,8 @@
 //!                  back to the original count; poll until the new pod is Running and ready on
 //!                  the destination and the destination agent reports the checkpoint consumed
 //!                  (the shim removes it after a successful restore)
-//! 4 done           origin agent: remove marks and the origin's copy of the checkpoint
+//! 4 finishing      (the new pod runs from the checkpoint) origin agent: remove marks and the
+//!                  origin's copy of the checkpoint; then done
 //! ```
 //!
 //! Alternatives not taken: a rolling update starts the new pod before the old one stops (no

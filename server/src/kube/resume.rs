@@ -28,6 +28,11 @@
 //!                                          someone else
 //! ```
 //!
+//! A record whose new pod already ran from the checkpoint (journaled `finishing`, whatever its
+//! stage) never gets this far: it is only finished (origin's marks and checkpoint removed ->
+//! done, with a warning), which needs the origin's agent, not the Deployment
+//! ([`Controller::finish_kube_after_restart`]).
+//!
 //! Rolling back is preferred whenever the destination is not known to run the workload: the
 //! origin keeps its checkpoint until a migration is done. The Deployment is only patched back
 //! to the origin when it has no replica or is pinned there already, so a restart never starts
@@ -40,7 +45,8 @@ use tracing::{info, warn};
 use super::migrate::{KubeSettings, Plan, Undone};
 use super::{Deployment, KubeStage as Stage};
 use crate::controller::Controller;
-use crate::migration::Migration;
+use crate::migration::{Migration, Phase};
+use crate::registry::NodeInfo;
 
 impl Controller {
     /// Resolves the interrupted Kubernetes migration `record`, whose plan the journal held.
@@ -72,12 +78,6 @@ impl Controller {
             )];
             return self.conclude(id, why, recovery, false);
         };
-        if record.destination_running {
-            // The new pod ran from the checkpoint before the restart: only the origin's
-            // cleanup was left.
-            self.finish_after_restart(&plan, id, &origin, &why).await;
-            return;
-        }
         // `at_zero`: the Deployment has no replica, so a pod on the origin is the old one, still
         // stopping; with replicas (a rollback already pinned it back) it is the restored one.
         let (stage, at_zero) = match journaled {
@@ -187,7 +187,8 @@ impl Controller {
                             .await;
                     match waited {
                         Ok(Ok(())) => {
-                            self.finish_after_restart(&plan, id, &origin, &why).await;
+                            self.finish_after_restart(&plan, id, Some(&origin), &why)
+                                .await;
                             return;
                         }
                         Ok(Err(e)) if Instant::now() + kube.poll >= deadline => break e,
@@ -216,15 +217,32 @@ impl Controller {
         }
     }
 
+    /// The new pod ran from the checkpoint before the restart (the record is `finishing`, or
+    /// an earlier controller journaled it running while `restoring`): only the origin's
+    /// cleanup is left, which takes its agent, not the Kubernetes API.
+    pub(crate) async fn finish_kube_after_restart(
+        &self,
+        plan: &Plan,
+        record: &Migration,
+        why: &str,
+    ) {
+        let deadline = Instant::now() + self.config.migration_timeout;
+        let origin = self.wait_node(&record.origin_node, deadline).await;
+        self.finish_after_restart(plan, &record.id, origin.as_ref(), why)
+            .await;
+    }
+
     /// The new pod runs on the destination from the checkpoint: what the interrupted driver
-    /// had left to do.
+    /// had left to do. `origin` is `None` when it did not register in time: its cleanup is
+    /// then left, and said so in a warning.
     async fn finish_after_restart(
         &self,
         plan: &Plan,
         id: &str,
-        origin: &crate::registry::NodeInfo,
+        origin: Option<&NodeInfo>,
         why: &str,
     ) {
+        self.enter_finishing(id);
         self.update(id, |m| {
             m.warnings.push(format!(
                 "{why}; {} already ran the new pod from the checkpoint, so the new controller \
@@ -232,6 +250,19 @@ impl Controller {
                 m.dest_node
             ))
         });
+        let Some(origin) = origin else {
+            warn!(migration = %id, "origin not registered; its cleanup is left");
+            self.update(id, |m| {
+                m.warnings.push(format!(
+                    "origin cleanup not done: {} did not register within {:?}; the migration \
+                     marks and checkpoint of deployment {}/{} are left there",
+                    m.origin_node, self.config.migration_timeout, plan.namespace, plan.deployment
+                ))
+            });
+            self.advance(id, Phase::Done);
+            self.finished(id);
+            return;
+        };
         self.finish_kube(plan, id, origin).await;
     }
 
