@@ -479,16 +479,7 @@ async fn migrates_and_cleans_up(c: Cluster) {
         m["bytesTransferred"].as_u64().expect("bytes") > 1 << 20,
         "{m}"
     );
-    assert_eq!(
-        phases_timed(&m),
-        [
-            "pending",
-            "checkpointing",
-            "transferring",
-            "restoring",
-            "finishing"
-        ]
-    );
+    assert_eq!(phases_timed(&m), SUCCESS_PHASES);
     assert_eq!(c.dest.status("counter"), Some(Some(TaskStatus::Running)));
     assert_eq!(c.origin.status("counter"), None, "still on the origin");
     assert!(
@@ -511,6 +502,15 @@ async fn migrates_and_cleans_up(c: Cluster) {
     assert!(metrics.contains("mig_phase_duration_seconds_count{phase=\"finishing\"} 1"));
     assert!(metrics.contains("mig_migrations{phase=\"finishing\"} 0"));
 }
+
+/// The phases a successful migration is timed in, in order (`done` ends it).
+const SUCCESS_PHASES: [&str; 5] = [
+    "pending",
+    "checkpointing",
+    "transferring",
+    "restoring",
+    "finishing",
+];
 
 /// The phases of a record's timings, in order.
 fn phases_timed(m: &Value) -> Vec<&str> {
@@ -549,16 +549,7 @@ async fn the_origin_cleanup_is_timed_as_finishing_not_restoring() {
     assert_eq!(c.dest.status("counter"), Some(Some(TaskStatus::Running)));
     let m = c.wait_terminal(&id).await;
     assert_eq!(m["phase"], "done", "{m}");
-    assert_eq!(
-        phases_timed(&m),
-        [
-            "pending",
-            "checkpointing",
-            "transferring",
-            "restoring",
-            "finishing"
-        ]
-    );
+    assert_eq!(phases_timed(&m), SUCCESS_PHASES);
     let cleanup = u64::try_from(CLEANUP.as_millis()).expect("ms");
     assert!(took_ms(&m, "restoring") < cleanup, "{m}");
     assert!(took_ms(&m, "finishing") >= cleanup, "{m}");
@@ -578,16 +569,7 @@ async fn a_failed_origin_cleanup_is_a_warning_after_finishing() {
     let m = c.wait_terminal(&id).await;
     assert_eq!(m["phase"], "done", "{m}");
     assert!(m["failure"].is_null(), "{m}");
-    assert_eq!(
-        phases_timed(&m),
-        [
-            "pending",
-            "checkpointing",
-            "transferring",
-            "restoring",
-            "finishing"
-        ]
-    );
+    assert_eq!(phases_timed(&m), SUCCESS_PHASES);
     let warnings = m["warnings"].as_array().expect("warnings");
     assert!(
         warnings.iter().any(|w| w

@@ -566,7 +566,13 @@ impl Cluster {
     /// Runs `args` from `image` on node01 with our runtime, no IO, as the container `counter`
     /// of the workload `counter` (the label `POST /migrate` resolves a deployment by).
     fn run_counter(&self, image: &TestImage, args: &[&str]) {
-        let label = format!("{WORKLOAD_LABEL}=counter");
+        self.run_workload(image, "counter", args);
+    }
+
+    /// Runs `args` (the image's command when empty) from `image` on node01 with our runtime,
+    /// no IO, as the container `name` of the workload `name`.
+    fn run_workload(&self, image: &TestImage, name: &str, args: &[&str]) {
+        let label = format!("{WORKLOAD_LABEL}={name}");
         let mut cmd = vec![
             "run",
             "-d",
@@ -576,10 +582,12 @@ impl Cluster {
             "--label",
             &label,
             &image.name,
-            "counter",
+            name,
         ];
         cmd.extend_from_slice(args);
-        self.a.ctr_ok(&cmd).expect("run counter");
+        self.a
+            .ctr_ok(&cmd)
+            .unwrap_or_else(|e| panic!("run {name}: {e}"));
     }
 
     /// Kills node01's server (controller and agent) and starts a new one on the same state
@@ -1149,19 +1157,7 @@ fn mosquitto_migrates(test: &str, env: &[(&str, &str)]) {
     )
     .expect("image");
     let c = Cluster::start(env, &image);
-    let label = format!("{WORKLOAD_LABEL}=mosquitto");
-    c.a.ctr_ok(&[
-        "run",
-        "-d",
-        "--null-io",
-        "--runtime",
-        MIG_RUNTIME,
-        "--label",
-        &label,
-        &image.name,
-        "mosquitto",
-    ])
-    .expect("run the broker");
+    c.run_workload(&image, "mosquitto", &[]);
     let pid = task_pid(&c.a, "mosquitto");
     // ctr gives the container a network namespace with only `lo`, down.
     run_ok(Command::new("nsenter").args([
