@@ -51,8 +51,14 @@ fn dmtcp_dir() -> Option<PathBuf> {
     if let Some(d) = std::env::var_os("MIG_DMTCP_DIR") {
         return Some(PathBuf::from(d));
     }
-    let launch = which("dmtcp_launch")?;
-    Some(launch.parent()?.parent()?.to_path_buf())
+    if let Some(launch) = which("dmtcp_launch") {
+        return Some(launch.parent()?.parent()?.to_path_buf());
+    }
+    // Where the other end-to-end tests (tests/src/dmtcp.rs) look last, too.
+    let opt = Path::new("/opt/dmtcp");
+    opt.join("bin/dmtcp_launch")
+        .is_file()
+        .then(|| opt.to_path_buf())
 }
 
 /// (soname, resolved path) of what `ldd` says `bin` needs.
@@ -272,7 +278,9 @@ fn setup() -> Option<(tempfile::TempDir, Env)> {
         return None;
     }
     let Some(dmtcp) = dmtcp_dir().filter(|d| d.join("bin/dmtcp_launch").is_file()) else {
-        skip("DMTCP not installed (no dmtcp_launch on PATH, MIG_DMTCP_DIR unset)");
+        skip(
+            "DMTCP not installed (MIG_DMTCP_DIR unset, no dmtcp_launch on PATH, nothing in /opt/dmtcp)",
+        );
         return None;
     };
     for tool in ["runc", "gcc", "ldd"] {
