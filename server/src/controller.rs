@@ -463,26 +463,12 @@ impl Controller {
             .within_timeout(id, self.run(id, origin, dest, &req))
             .await;
         match outcome {
+            // `run` enters `finishing` last, with no await after it, so no timeout or failure
+            // can come once the workload runs on the destination; `Migration::fail` refuses
+            // `finishing` too.
             Ok(()) => self.finish(id, origin, &req).await,
-            // `run` enters `finishing` last, with nothing left to wait for, so no timeout can
-            // come after it; should a failure ever do so, the workload runs on the destination
-            // and a rollback would start a second copy of it on the origin.
-            Err(reason) if self.is_finishing(id) => {
-                warn!(migration = %id, %reason, "failure after the destination ran the workload; finishing the migration");
-                self.update(id, |m| {
-                    m.warnings
-                        .push(format!("after {} ran the workload: {reason}", dest.name))
-                });
-                self.finish(id, origin, &req).await;
-            }
             Err(reason) => self.recover(id, origin, dest, &req, reason).await,
         }
-    }
-
-    /// Whether `id` is `finishing`: its workload runs on the destination.
-    pub(crate) fn is_finishing(&self, id: &str) -> bool {
-        self.migration(id)
-            .is_some_and(|m| m.phase == Phase::Finishing)
     }
 
     /// Moves `id` to `finishing` (the workload runs on the destination, see

@@ -1011,10 +1011,12 @@ async fn status_reports_each_container_and_a_restore_asked_again_starts_nothing(
 async fn a_rollback_waits_for_a_checkpoint_the_shim_is_still_writing() {
     let c = cluster().await;
     // The shim, still writing a checkpoint of the counter that a controller, now gone, asked
-    // for: its temp directory is named by its pid, alive for a second.
+    // for: its temp directory is named by its pid, for a second. Like a shim, the process
+    // outlives the writing (a process that ended first would void the directory before the
+    // commit below, and the rollback could look too early).
     let identity = WorkloadIdentity::container(NS, "counter").expect("identity");
     let mut shim = std::process::Command::new("sleep")
-        .arg("1")
+        .arg("60")
         .spawn()
         .expect("sleep");
     let writing = c.origin.state_dir.join("checkpoints").join(format!(
@@ -1025,7 +1027,7 @@ async fn a_rollback_waits_for_a_checkpoint_the_shim_is_still_writing() {
     std::fs::create_dir(&writing).expect("mkdir");
     let origin = c.origin.clone();
     let shim_done = tokio::task::spawn_blocking(move || {
-        shim.wait().expect("wait");
+        std::thread::sleep(Duration::from_secs(1));
         // What the shim does at the end: commit, and the dump has stopped the task.
         let writer = origin.store().begin(&identity).expect("begin");
         std::fs::write(
@@ -1040,6 +1042,8 @@ async fn a_rollback_waits_for_a_checkpoint_the_shim_is_still_writing() {
             s.containers.get_mut("counter").expect("counter").1 = Some(TaskStatus::Stopped)
         });
         std::fs::remove_dir(&writing).expect("rmdir");
+        shim.kill().expect("kill");
+        shim.wait().expect("wait");
     });
     let req = json!({"migration": "m-3", "namespace": NS, "containers": ["counter"]});
     let (s, report) = c.agent_call(&c.origin_url, "rollback", req).await;

@@ -30,10 +30,13 @@ use mig_server::kube::{
     Deployment, KubeIdentity, KubeReport, KubeStage, WorkloadAction, WorkloadsRequest, pin_patch,
     scale_patch,
 };
-use mig_server::migration::{Migration, Phase, Target};
+use mig_server::migration::{Migration, Phase};
 use mig_server::node_client::{HttpNodes, NodeApi};
 use mig_server::registry::NodeInfo;
 use serde_json::Value;
+
+#[path = "support/records.rs"]
+mod records;
 
 const TOKEN: &str = "test-token-0123456789";
 const API_TOKEN: &str = "sa-token-abc";
@@ -668,24 +671,17 @@ fn identities() -> Vec<KubeIdentity> {
     }]
 }
 
-/// A record journaled before the scale-down: the origin is marked, nothing else happened.
-async fn journaled_before_stop(s: &Setup) -> String {
-    let mut m = Migration::new(
-        "mig-1-0".into(),
-        Target::Deployment("mosquitto".into()),
-        "default".into(),
-        "node01".into(),
-        "node02".into(),
-    );
-    m.containers = vec!["mosquitto".into()];
-    m.advance(Phase::Checkpointing).expect("advance");
+/// Journals, with the registered nodes, the Kubernetes migration of `mosquitto` advanced up
+/// to `phase` with `report` (its plan and stage) added to the defaults below, and marks the
+/// origin's workload for it as the controller had; the record's id.
+async fn journaled(s: &Setup, phase: Phase, report: KubeReport) -> String {
+    let mut m = records::migration_at("mosquitto", "node01", "node02", phase);
     m.kubernetes = Some(KubeReport {
         deployment: "mosquitto".into(),
         replicas: 1,
         selector: "app=mosquitto".into(),
         identities: identities(),
-        stage: Some(KubeStage::BeforeStop),
-        ..KubeReport::default()
+        ..report
     });
     let journal = Journal::open(s.state.path()).expect("journal");
     journal.save(&m).expect("save");
@@ -702,6 +698,15 @@ async fn journaled_before_stop(s: &Setup) -> String {
         .await
         .expect("mark");
     m.id
+}
+
+/// A record journaled before the scale-down: the origin is marked, nothing else happened.
+async fn journaled_before_stop(s: &Setup) -> String {
+    let report = KubeReport {
+        stage: Some(KubeStage::BeforeStop),
+        ..KubeReport::default()
+    };
+    journaled(s, Phase::Checkpointing, report).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -838,51 +843,17 @@ async fn a_restart_after_the_scale_up_finishes_when_the_new_pod_runs_from_the_ch
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_while_finishing_only_removes_the_origins_checkpoint() {
     let s = setup(1, false).await;
-    let mut m = Migration::new(
-        "mig-1-0".into(),
-        Target::Deployment("mosquitto".into()),
-        "default".into(),
-        "node01".into(),
-        "node02".into(),
-    );
-    m.containers = vec!["mosquitto".into()];
-    for p in [
-        Phase::Checkpointing,
-        Phase::Transferring,
-        Phase::Restoring,
-        Phase::Finishing,
-    ] {
-        m.advance(p).expect("advance");
-    }
-    m.kubernetes = Some(KubeReport {
-        deployment: "mosquitto".into(),
-        replicas: 1,
-        selector: "app=mosquitto".into(),
-        identities: identities(),
+    let report = KubeReport {
         stage: Some(KubeStage::ScaledUp),
         state_restored: true,
         ..KubeReport::default()
-    });
-    let journal = Journal::open(s.state.path()).expect("journal");
-    journal.save(&m).expect("save");
-    journal.save_nodes(|| s.nodes.to_vec()).expect("nodes");
-    drop(journal);
+    };
+    let id = journaled(&s, Phase::Finishing, report).await;
     // The origin's checkpoint, as its pod's stop left it.
-    HttpNodes::new(reqwest::Client::new(), token(), Duration::from_secs(20))
-        .kube_workloads(
-            &s.nodes[0],
-            &WorkloadsRequest {
-                migration: m.id.clone(),
-                action: WorkloadAction::Mark,
-                identities: identities(),
-            },
-        )
-        .await
-        .expect("mark");
     s.api.lock().expect("lock").stop_origin_pod();
     assert!(has_checkpoint(&s.origin));
     let c = restarted(&s, Duration::from_secs(20));
-    let m = resume(&c, &m.id).await;
+    let m = resume(&c, &id).await;
     assert_eq!(m.phase, Phase::Done, "{m:?}");
     assert!(
         m.warnings

@@ -22,6 +22,9 @@ use mig_server::protocol::{
 use mig_server::registry::NodeInfo;
 use tokio::runtime::Runtime;
 
+#[path = "support/records.rs"]
+mod records;
+
 const ORIGIN: &str = "node01";
 const DEST: &str = "node02";
 
@@ -326,6 +329,23 @@ fn die_mid_migration(state: &Path, nodes: &Arc<ScriptedNodes>, hang: Hang) -> St
     id
 }
 
+/// Resumes the interrupted migrations of `c` while the node call `hold` hangs, checks that a
+/// new migration of the workload is refused as a conflict with `id` meanwhile, then lets the
+/// call go and waits until the recovery is over.
+async fn recover_while_claimed(c: &Arc<Controller>, nodes: &ScriptedNodes, hold: &str, id: &str) {
+    nodes.with(|w| w.hold = Some(hold.to_string()));
+    let handles = c.resume_interrupted();
+    let refused = c.start(request()).await.expect_err("second migration");
+    assert!(
+        matches!(&refused, ControllerError::Conflict(m) if m.contains(id)),
+        "{refused}"
+    );
+    nodes.with(|w| w.hold = None);
+    for h in handles {
+        h.await.expect("recovery");
+    }
+}
+
 /// Starts a controller on `state` and lets it resolve what it finds; returns the record.
 async fn recover(c: &Arc<Controller>, id: &str) -> Migration {
     for handle in c.resume_interrupted() {
@@ -392,18 +412,8 @@ fn a_migration_journaled_finishing_is_finished_not_rolled_back() {
     );
     runtime().block_on(async {
         let c = controller(dir.path(), &nodes);
-        nodes.with(|w| w.hold = Some(format!("{ORIGIN} finish")));
-        let handles = c.resume_interrupted();
         // Not terminal: the workload stays claimed until the origin is cleaned up.
-        let refused = c.start(request()).await.expect_err("second migration");
-        assert!(
-            matches!(&refused, ControllerError::Conflict(m) if m.contains(&id)),
-            "{refused}"
-        );
-        nodes.with(|w| w.hold = None);
-        for h in handles {
-            h.await.expect("recovery");
-        }
+        recover_while_claimed(&c, &nodes, &format!("{ORIGIN} finish"), &id).await;
         let m = c.migration(&id).expect("record");
         assert_eq!(m.phase, Phase::Done, "{m:?}");
         assert!(m.failure.is_none(), "{m:?}");
@@ -428,22 +438,7 @@ fn a_migration_journaled_finishing_is_finished_not_rolled_back() {
 fn a_migration_journaled_finishing_ends_done_when_its_origin_never_comes_back() {
     let dir = tempfile::tempdir().expect("tmp");
     let nodes = ScriptedNodes::new();
-    let mut m = Migration::new(
-        "mig-1-0".into(),
-        Target::Deployment("counter".into()),
-        "default".into(),
-        ORIGIN.into(),
-        DEST.into(),
-    );
-    m.containers = vec!["counter".into()];
-    for p in [
-        Phase::Checkpointing,
-        Phase::Transferring,
-        Phase::Restoring,
-        Phase::Finishing,
-    ] {
-        m.advance(p).expect("advance");
-    }
+    let m = records::migration_at("counter", ORIGIN, DEST, Phase::Finishing);
     // Journaled without the nodes: neither registers with the new controller.
     Journal::open(dir.path())
         .expect("journal")
@@ -523,17 +518,7 @@ fn a_workload_being_recovered_cannot_be_migrated_and_history_survives_restarts()
     let id = die_mid_migration(dir.path(), &nodes, Hang::Before(format!("{DEST} restore")));
     runtime().block_on(async {
         let c = controller(dir.path(), &nodes);
-        nodes.with(|w| w.hold = Some(format!("{DEST} status")));
-        let handles = c.resume_interrupted();
-        let refused = c.start(request()).await.expect_err("second migration");
-        assert!(
-            matches!(&refused, ControllerError::Conflict(m) if m.contains(&id)),
-            "{refused}"
-        );
-        nodes.with(|w| w.hold = None);
-        for h in handles {
-            h.await.expect("recovery");
-        }
+        recover_while_claimed(&c, &nodes, &format!("{DEST} status"), &id).await;
         assert_eq!(c.migration(&id).expect("record").phase, Phase::RolledBack);
         // Resolved: the claim is released, and the workload moves.
         let next = c.start(request()).await.expect("migration after recovery");

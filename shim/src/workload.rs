@@ -359,21 +359,12 @@ impl Workload {
             .map_err(|e| Error::FailedPrecondition(format!("engine dmtcp: {e}")))?;
         dmtcp::check_hook_binary(&self.node.hook_binary)
             .map_err(|e| Error::FailedPrecondition(format!("engine dmtcp: {e}")))?;
-        let host_network = spec
-            .linux()
-            .as_ref()
-            .and_then(|l| l.namespaces().as_ref())
-            .is_none_or(|ns| {
-                !ns.iter().any(|n| {
-                    n.typ() == oci_spec::runtime::LinuxNamespaceType::Network && n.path().is_none()
-                })
-            });
         // In its own network namespace the coordinator can use the fixed port; sharing one
         // (host network, a pod's) it must let the kernel pick.
-        let port = if host_network {
-            0
-        } else {
+        let port = if crate::loopback::has_own_network_namespace(spec) {
             dmtcp::DEFAULT_COORD_PORT
+        } else {
+            0
         };
         dmtcp::inject(spec, install, &self.node.hook_binary, dirs, port)
             .map_err(|e| Error::InvalidArgument(format!("engine dmtcp: {e}")))?;

@@ -242,17 +242,8 @@ impl Controller {
         let outcome = self.within_timeout(id, run).await;
         let stage = *lock(&stage);
         match outcome {
+            // As outside Kubernetes: `run_kube` enters `finishing` last, with no await after.
             Ok(()) => self.finish_kube(plan, id, origin).await,
-            // As outside Kubernetes: `run_kube` enters `finishing` last, and a failure after it
-            // must not undo a migration whose new pod runs.
-            Err(reason) if self.is_finishing(id) => {
-                warn!(migration = %id, %reason, "failure after the new pod ran; finishing the migration");
-                self.update(id, |m| {
-                    m.warnings
-                        .push(format!("after the new pod ran on {}: {reason}", dest.name))
-                });
-                self.finish_kube(plan, id, origin).await;
-            }
             Err(reason) => {
                 self.recover_kube(kube, plan, id, origin, dest, stage, reason)
                     .await
