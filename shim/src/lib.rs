@@ -11,6 +11,7 @@ pub mod dmtcp;
 pub mod error;
 pub mod events;
 pub mod io;
+pub mod lazy;
 pub mod loopback;
 pub mod node;
 pub mod node_cache;

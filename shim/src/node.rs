@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     criu::NetworkLock,
     error::{Error, Result},
+    lazy::LazyPages,
     options::RuntimeOptions,
 };
 
@@ -61,6 +62,8 @@ pub struct NodeConfig {
     pub hook_binary: PathBuf,
     /// How CRIU locks a container's network while it dumps.
     pub criu_network_lock: NetworkLock,
+    /// When a CRIU restore leaves the memory to a lazy pages daemon.
+    pub criu_lazy_pages: LazyPages,
 }
 
 /// A migration mark: the node agent asks that the next stop of a workload checkpoint it first.
@@ -115,6 +118,13 @@ impl NodeConfig {
             )?,
             None => NetworkLock::default(),
         };
+        let criu_lazy_pages = match pick(&o.criu_lazy_pages, "MIG_CRIU_LAZY_PAGES") {
+            Some(l) => LazyPages::parse(
+                &l,
+                "the runtime option CriuLazyPages (or MIG_CRIU_LAZY_PAGES)",
+            )?,
+            None => LazyPages::default(),
+        };
         Ok(Self {
             state_dir: pick(&o.state_dir, "MIG_STATE_DIR")
                 .unwrap_or_else(|| DEFAULT_STATE_DIR.into())
@@ -125,6 +135,7 @@ impl NodeConfig {
                 .unwrap_or_else(|| DEFAULT_HOOK.into())
                 .into(),
             criu_network_lock,
+            criu_lazy_pages,
         })
     }
 
@@ -266,6 +277,7 @@ mod tests {
             dmtcp_dir: None,
             hook_binary: DEFAULT_HOOK.into(),
             criu_network_lock: NetworkLock::Auto,
+            criu_lazy_pages: LazyPages::Auto,
         }
     }
 

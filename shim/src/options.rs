@@ -51,6 +51,12 @@ pub struct RuntimeOptions {
     /// the node's CRIU supports it, else iptables), `nftables` or `iptables`.
     #[serde(rename = "CriuNetworkLock", default)]
     pub criu_network_lock: String,
+    /// When a CRIU restore runs the program before all of its memory is back, a `criu
+    /// lazy-pages` daemon filling it in from the node's copy of the checkpoint: `auto`
+    /// (default: checkpoints of 64 MiB of pages or more, where the kernel has userfaultfd),
+    /// `always` or `never`.
+    #[serde(rename = "CriuLazyPages", default)]
+    pub criu_lazy_pages: String,
     /// containerd's runc options that this shim accepts but has no use for.
     #[serde(rename = "ShimCgroup", default)]
     pub shim_cgroup: String,

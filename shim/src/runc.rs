@@ -57,6 +57,9 @@ pub struct CheckpointOpts {
     pub empty_namespaces: Vec<String>,
     /// CRIU's cgroup handling (`soft`, `full`, `strict`, `ignore`); CRIU's default when empty.
     pub cgroups_mode: String,
+    /// Restore only: leave the memory to a `criu lazy-pages` daemon listening in
+    /// `work_path` (see [`crate::lazy`]).
+    pub lazy_pages: bool,
 }
 
 /// The restore half of [`CheckpointOpts`].
@@ -431,6 +434,9 @@ impl Runtime for RuncCli {
         let pid_file = bundle.join("init.pid");
         let mut args: Vec<std::ffi::OsString> = vec!["restore".into()];
         args.extend(Self::criu_args(opts));
+        if opts.lazy_pages {
+            args.push("--lazy-pages".into());
+        }
         args.extend([
             "--bundle".into(),
             bundle.into(),
@@ -569,7 +575,7 @@ pub fn last_error(log: &str) -> Option<String> {
 }
 
 /// Appends the tail of CRIU's log, where the actual reason for a failed dump/restore is.
-fn with_criu_log(message: String, log: &Path) -> String {
+pub(crate) fn with_criu_log(message: String, log: &Path) -> String {
     match fs::read_to_string(log) {
         Ok(text) => {
             let lines: Vec<&str> = text.lines().collect();

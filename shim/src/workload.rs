@@ -730,6 +730,7 @@ mod tests {
                 dmtcp_dir: None,
                 hook_binary: dir.join("hook"),
                 criu_network_lock: criu::NetworkLock::Auto,
+                criu_lazy_pages: crate::lazy::LazyPages::Auto,
             },
             scratch: dir.join("scratch"),
             pending: None,

@@ -1006,6 +1006,112 @@ fn corrupted_checkpoint_is_refused() {
     p.assert_clean();
 }
 
+/// A lazy restore (`criu lazy-pages` fills the memory in while the program runs; the shim
+/// chooses it by itself from 64 MiB of pages, forced here on a small counter): the counter
+/// resumes from where it was, which needs the pages the daemon brings, and the checkpoint is
+/// consumed only once every page is in place.
+#[test]
+fn counter_restored_lazily_resumes_with_its_memory() {
+    let test = "counter_restored_lazily_resumes_with_its_memory";
+    let Some(p) = Pair::start(test, &[("MIG_CRIU_LAZY_PAGES", "always")], None) else {
+        return;
+    };
+    let vol_a = p.volume("vol-a");
+    let last = counter_checkpointed_on_a(&p, &vol_a);
+    move_checkpoint(&p.checkpoint(&p.a), &p.checkpoint(&p.b));
+    let vol_b = p.volume("vol-b");
+    resume_on_b(&p, &Pair::volume_flags(&vol_b, &[]), &vol_b, last);
+    let log = p.b.log_lines_with(ID);
+    for needle in ["lazy=true", "lazy restore: every page is in place"] {
+        assert!(
+            log.contains(needle),
+            "B's shim log lacks {needle:?}:\n{log}"
+        );
+    }
+    p.remove(&p.b);
+    p.assert_clean();
+}
+
+/// When the lazy pages daemon fails, the restored container must not run on (it may lack
+/// pages): the shim kills it, the start fails saying why, and the checkpoint stays for
+/// another try. The failure is injected with a `criu` first on the nodes' PATH that runs the
+/// real one, and for `lazy-pages` reports failure after it.
+#[test]
+fn failed_lazy_fill_kills_the_restored_container_and_keeps_the_checkpoint() {
+    let test = "failed_lazy_fill_kills_the_restored_container_and_keeps_the_checkpoint";
+    let Some(real) = find_on_path("criu") else {
+        // Pair::start reports the missing CRIU.
+        let _ = Pair::start(test, &[], None);
+        return;
+    };
+    let wrappers = tempfile::Builder::new()
+        .prefix("migck-criu-")
+        .tempdir()
+        .unwrap();
+    let wrapper = wrappers.path().join("criu");
+    fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = lazy-pages ]; then\n  {real} \"$@\"\n  \
+             echo 'injected failure of criu lazy-pages' >&2\n  exit 7\nfi\nexec {real} \"$@\"\n",
+            real = real.display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).unwrap();
+    let mut path = vec![wrappers.path().to_path_buf(), mig_e2e::shim_dir()];
+    path.extend(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    ));
+    let path = std::env::join_paths(path).unwrap();
+    let path = path.to_string_lossy().into_owned();
+    let env = [("MIG_CRIU_LAZY_PAGES", "always"), ("PATH", path.as_str())];
+    let Some(p) = Pair::start(test, &env, None) else {
+        return;
+    };
+    let vol_a = p.volume("vol-a");
+    counter_checkpointed_on_a(&p, &vol_a);
+    move_checkpoint(&p.checkpoint(&p.a), &p.checkpoint(&p.b));
+    let vol_b = p.volume("vol-b");
+    let flags = Pair::volume_flags(&vol_b, &[]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let (out, what) = p.run_output(&p.b, &flags, &["sh", "-c", COUNTER]);
+    let err = stderr(&out);
+    assert!(
+        !out.status.success(),
+        "`{what}` succeeded although the lazy pages daemon failed"
+    );
+    for needle in ["lazy pages daemon", "exited with status 7", "it was killed"] {
+        assert!(
+            err.contains(needle),
+            "the error of `{what}` should mention {needle:?}; got: {err}\nshim log:\n{}",
+            p.b.log_lines_with(ID)
+        );
+    }
+    // Killed: the task stops (containerd may still be reaping it).
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let status = p.b.task_status(ID).unwrap();
+        if status.is_none() || status.as_deref() == Some("STOPPED") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the container runs on after its lazy restore failed: {status:?}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        p.checkpoint(&p.b).join("manifest.json").is_file(),
+        "the checkpoint was consumed although the restore from it failed"
+    );
+    if p.b.task_status(ID).unwrap().is_some() {
+        p.b.ctr_ok(&["task", "delete", "--force", ID]).unwrap();
+    }
+    p.b.ctr_ok(&["containers", "rm", ID]).unwrap();
+    p.assert_clean();
+}
+
 /// When the checkpoint before a stop fails, the kill fails and the workload keeps running.
 #[test]
 fn failed_checkpoint_keeps_the_container_running() {

@@ -250,22 +250,63 @@ impl Service {
 
     /// `Start` of the init or of an exec.
     pub async fn start(self: &Arc<Self>, id: &str, exec_id: &str) -> Result<u32> {
-        let c = self.container(id)?;
-        let mut c = c.lock().await;
-        if exec_id.is_empty() {
-            self.start_init(&mut c).await
-        } else {
-            self.start_exec(&mut c, exec_id).await
+        let container = self.container(id)?;
+        let mut c = container.lock().await;
+        if !exec_id.is_empty() {
+            return self.start_exec(&mut c, exec_id).await;
+        }
+        let (pid, fill) = self.start_init(&mut c).await?;
+        drop(c);
+        if let Some(fill) = fill {
+            // The program runs; the container is unlocked (state, kill) while its memory
+            // fills in.
+            self.await_fill(&container, fill).await?;
+        }
+        Ok(pid)
+    }
+
+    /// Waits until a lazy restore's daemon has put every page in place: only then has the
+    /// container all of its checkpoint, and may the checkpoint (here, and the origin's) go.
+    /// If the daemon fails, the container is killed: its program must not run on with pages
+    /// it lacks.
+    async fn await_fill(
+        &self,
+        container: &tokio::sync::Mutex<Container>,
+        fill: crate::lazy::Fill,
+    ) -> Result<()> {
+        let result = fill.wait().await;
+        let mut c = container.lock().await;
+        match result {
+            Ok(took) => {
+                tracing::info!(container_id = %c.id, filled_ms = took.as_millis() as u64, "lazy restore: every page is in place");
+                if let Some(w) = c.workload.as_mut() {
+                    w.consume_pending();
+                }
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(container_id = %c.id, error = %e, "lazy restore failed; killing the container");
+                let _ = c.runtime.kill(&c.id, libc::SIGKILL as u32, true).await;
+                Err(Error::Other(format!(
+                    "container {} was restored, but not all of its memory: {e}; it was killed",
+                    c.id
+                )))
+            }
         }
     }
 
-    async fn start_init(self: &Arc<Self>, c: &mut Container) -> Result<u32> {
+    /// Starts the init; a lazy restore also returns its daemon, still filling in memory.
+    async fn start_init(
+        self: &Arc<Self>,
+        c: &mut Container,
+    ) -> Result<(u32, Option<crate::lazy::Fill>)> {
         if c.deferred.is_some() {
             self.assemble_deferred(c).await?;
         }
+        let mut fill = None;
         match c.init.status {
             Status::Created => c.runtime.start(&c.id).await?,
-            Status::CreatedFromCheckpoint => self.restore_init(c).await?,
+            Status::CreatedFromCheckpoint => fill = self.restore_init(c).await?,
             other => {
                 return Err(Error::FailedPrecondition(format!(
                     "cannot start container {}: it is {other:?}",
@@ -274,7 +315,7 @@ impl Service {
             }
         }
         c.init.status = Status::Running;
-        if let Some(w) = c.workload.as_mut() {
+        if let (None, Some(w)) = (&fill, c.workload.as_mut()) {
             w.consume_pending();
         }
         tracing::info!(container_id = %c.id, pid = c.init.pid, "container started");
@@ -288,7 +329,7 @@ impl Service {
                 ..Default::default()
             },
         );
-        Ok(c.init.pid as u32)
+        Ok((c.init.pid as u32, fill))
     }
 
     /// For a container created ahead of its checkpoint: the checkpoint must be here now; the
@@ -336,23 +377,50 @@ impl Service {
         Ok(())
     }
 
-    async fn restore_init(self: &Arc<Self>, c: &mut Container) -> Result<()> {
+    async fn restore_init(
+        self: &Arc<Self>,
+        c: &mut Container,
+    ) -> Result<Option<crate::lazy::Fill>> {
         let images = c
             .restore_from
             .clone()
             .ok_or_else(|| Error::Other(format!("container {} has no checkpoint", c.id)))?;
         add_loopback_hook(&c.bundle)?;
+        let mode = c
+            .workload
+            .as_ref()
+            .map(|w| w.node.criu_lazy_pages)
+            .unwrap_or_default();
+        let page_bytes = crate::lazy::page_bytes(&images);
+        let lazy = mode.choose(page_bytes, crate::lazy::kernel_has_userfaultfd())?;
+        let work_path = c.bundle.join("criu-work");
         let (child, pending) = PendingIo::prepare(&c.init.paths)?;
+        let fill = if lazy {
+            match crate::lazy::Fill::start(&images, &work_path).await {
+                Ok(fill) => Some(fill),
+                Err(e) => {
+                    pending.abandon().await;
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
+        tracing::info!(container_id = %c.id, page_bytes, lazy, "restoring with CRIU");
         let opts = crate::runc::RestoreOpts {
-            work_path: c.bundle.join("criu-work"),
+            work_path,
             image_path: images,
             tcp_established: true,
             file_locks: true,
+            lazy_pages: lazy,
             ..Default::default()
         };
         let pid = match c.runtime.restore(&c.id, &c.bundle, &opts, child).await {
             Ok(pid) => pid,
             Err(e) => {
+                if let Some(fill) = fill {
+                    fill.abandon().await;
+                }
                 pending.abandon().await;
                 let _ = c.runtime.delete(&c.id, true).await;
                 return Err(e);
@@ -368,7 +436,7 @@ impl Service {
         {
             self.finish_later(&c.id, "", code);
         }
-        Ok(())
+        Ok(fill)
     }
 
     async fn start_exec(self: &Arc<Self>, c: &mut Container, exec_id: &str) -> Result<u32> {

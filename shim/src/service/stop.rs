@@ -222,6 +222,7 @@ impl Service {
             file_locks: o.file_locks,
             empty_namespaces: o.empty_namespaces.clone(),
             cgroups_mode: o.cgroups_mode.clone(),
+            lazy_pages: false,
         };
         tracing::info!(container_id = %req.id, image_path = %opts.image_path.display(), exit = o.exit, "checkpoint");
         match &c.workload {
