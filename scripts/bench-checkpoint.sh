@@ -14,7 +14,10 @@
 # migration server, create a container before they start it) until the restored task runs.
 # So they include what containerd and ctr cost by themselves (a task: the shim started, its
 # create and start calls); the last column measures that, a plain `ctr task start -d` of a new
-# container of the same image, for comparison.
+# container of the same image, for comparison. From 64 MiB of pages the shim restores CRIU
+# checkpoints lazily (shim/src/lazy.rs, CriuLazyPages auto): the program runs again before its
+# memory is all back, but `ctr task start` returns only once every page is in place, so the
+# CRIU restore time here includes the whole fill, as the floor's eager `runc restore` does.
 #
 # Every timed step starts after a `sync`, for the floor and the shim alike: the shim makes a
 # checkpoint for a stop durable right after the stop (in the background, see

@@ -30,7 +30,10 @@
 #               zstd stream from store to store, sha256 checked, after the checkpoint: the
 #               stream starts with the checkpoint and sends CRIU's page images while they are
 #               written, so this is only its tail), restore (the destination starts the task
-#               it created ahead, which restores at start).
+#               it created ahead, which restores at start). From 64 MiB of pages the shim
+#               restores lazily (shim/src/lazy.rs): the workload runs again before its memory
+#               is all back, and the start, so the restore phase and the record's downtime,
+#               ends once every page is in place; the client column sees the resume itself.
 #   live %      share of the checkpoint's bytes sent while the origin was still checkpointing
 #               (the record's bytesSentWhileCheckpointing / checkpointBytes).
 #   floor       by hand on the same binary and memory size, no containerd, no agents: `runc

@@ -88,6 +88,14 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> AgentError {
     move |source| AgentError::Io { what, source }
 }
 
+/// How often a restore looks whether the task it starts already runs (see
+/// [`NodeAgent::start_watching`]).
+const RUNNING_POLL: Duration = Duration::from_millis(10);
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Validates a name from a request before it goes near a path or a command line.
 pub fn safe(what: &str, name: &str) -> Result<SafeName, AgentError> {
     SafeName::new(name).map_err(|e| {
@@ -653,6 +661,7 @@ impl NodeAgent {
             )));
         }
         let mut report = ActionReport::default();
+        let mut all_running: Option<Instant> = None;
         for (info, created_marker) in received {
             let ns = safe("namespace", &info.namespace)?;
             let id = safe("container id", &info.id)?;
@@ -661,21 +670,56 @@ impl NodeAgent {
                 .containerd
                 .task_status(ns.as_str(), id.as_str())
                 .await?;
-            if status != Some(TaskStatus::Running) {
+            let running = if status != Some(TaskStatus::Running) {
                 info!(container_id = %id, migration = %migration, "starting restored container");
-                self.containerd.start_task(ns.as_str(), id.as_str()).await?;
-            }
+                self.start_watching(&ns, &id).await?
+            } else {
+                None
+            };
             self.wait_for(&ns, &id, "run after restore", |s| {
                 s == Some(TaskStatus::Running)
             })
             .await?;
+            let running = running.unwrap_or_else(Instant::now);
+            all_running = Some(all_running.map_or(running, |a| a.max(running)));
             remove_if_exists(&self.incoming_path(&Self::identity(&ns, &id)?.safe_key()));
             report
                 .done
                 .push(format!("{id} restored and running on {}", self.config.name));
         }
         remove_dir_if_exists(&self.migration_dir(&migration));
+        report.running_ms_before = all_running.map(|t| millis(t.elapsed()));
         Ok(report)
+    }
+
+    /// Starts a restored task; returns when the shim's start returned, and when the task was
+    /// first seen running before that. A lazy restore (shim/src/lazy.rs) runs the workload
+    /// while its memory fills in, and the start returns only when every page is in place.
+    async fn start_watching(
+        &self,
+        ns: &SafeName,
+        id: &SafeName,
+    ) -> Result<Option<Instant>, AgentError> {
+        let start = self.containerd.start_task(ns.as_str(), id.as_str());
+        tokio::pin!(start);
+        let mut running = None;
+        let mut poll = tokio::time::interval(RUNNING_POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                started = &mut start => {
+                    started?;
+                    return Ok(running);
+                }
+                _ = poll.tick(), if running.is_none() => {
+                    if let Ok(Some(TaskStatus::Running)) =
+                        self.containerd.task_status(ns.as_str(), id.as_str()).await
+                    {
+                        running = Some(Instant::now());
+                    }
+                }
+            }
+        }
     }
 
     /// Destination side of a failed migration: deletes the containers this agent created for

@@ -588,12 +588,17 @@ impl Controller {
         });
         self.advance(id, Phase::Restoring);
         self.persist_before(id, "the restore")?;
-        self.nodes_api
+        let restored = self
+            .nodes_api
             .restore(dest, req)
             .await
             .map_err(|e| e.to_string())?;
-        // The workload runs on the destination: the downtime and the restore end here, and
-        // the origin's cleanup is `finishing`, not `restoring`.
+        if let Some(ms) = restored.running_ms_before {
+            self.update(id, |m| m.running_before(Duration::from_millis(ms)));
+        }
+        // The workload runs on the destination: the restore ends here (the downtime here or
+        // when the destination saw it running, if earlier: a lazy restore), and the origin's
+        // cleanup is `finishing`, not `restoring`.
         self.enter_finishing(id);
         Ok(())
     }

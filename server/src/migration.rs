@@ -194,6 +194,8 @@ struct Clock {
     created: Instant,
     phase_started: Instant,
     downtime_started: Option<Instant>,
+    /// When the destination reported the workload running, if before entering `finishing`.
+    running_since: Option<Instant>,
 }
 
 impl Default for Clock {
@@ -203,6 +205,7 @@ impl Default for Clock {
             created: now,
             phase_started: now,
             downtime_started: None,
+            running_since: None,
         }
     }
 }
@@ -297,9 +300,18 @@ impl Migration {
     }
 
     fn workload_running_again(&mut self, now: Instant) {
+        let ran = self.clock.running_since.take().unwrap_or(now);
         if let Some(start) = self.clock.downtime_started.take() {
-            self.downtime_ms = Some(millis(now - start));
+            self.downtime_ms = Some(millis(ran.max(start) - start));
         }
+    }
+
+    /// The destination saw the workload running `before` ago, ahead of the answer that ends
+    /// the restore (a lazy restore answers once all memory is in place): the downtime ends
+    /// there when `finishing` is entered.
+    pub fn running_before(&mut self, before: Duration) {
+        let now = Instant::now();
+        self.clock.running_since = Some(now.checked_sub(before).unwrap_or(now));
     }
 
     /// Ends the migration as `Failed` or `RolledBack` with the reason and what was done.
@@ -366,6 +378,7 @@ impl Migration {
             created,
             phase_started,
             downtime_started,
+            running_since: None,
         };
     }
 
@@ -520,6 +533,24 @@ mod tests {
                 "restoring",
                 "finishing"
             ]
+        );
+    }
+
+    #[test]
+    fn the_downtime_ends_when_the_destination_saw_the_workload_running() {
+        let mut m = migration();
+        for p in [Phase::Checkpointing, Phase::Transferring, Phase::Restoring] {
+            m.advance(p).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        // Seen running 250 ms before the restore's answer (a lazy restore filling memory).
+        m.running_before(Duration::from_millis(250));
+        m.advance(Phase::Finishing).unwrap();
+        let downtime = m.downtime_ms.expect("downtime");
+        assert!((50..250).contains(&downtime), "{downtime} ms");
+        assert!(
+            m.phase_duration(Phase::Restoring).unwrap() >= 300,
+            "the restore phase still lasts until the answer: {m:?}"
         );
     }
 

@@ -93,6 +93,11 @@ pub struct ActionReport {
     /// Containers that had stopped and run again (rollback only).
     #[serde(default)]
     pub restored: Vec<String>,
+    /// Restore only: how long before this answer the last container was seen running. The
+    /// answer waits for a lazy restore to have all of its memory in place (the shim's start
+    /// returns then), while the workload already runs; the downtime ends at the earlier time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running_ms_before: Option<u64>,
 }
 
 /// Every error response: what was wrong and what was expected.

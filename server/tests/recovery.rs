@@ -121,7 +121,7 @@ impl ScriptedNodes {
 fn done(what: String) -> ActionReport {
     ActionReport {
         done: vec![what],
-        restored: Vec::new(),
+        ..Default::default()
     }
 }
 
