@@ -52,6 +52,11 @@
 #               do), so it can outrun `zstd -1 -T1`, which is the like-for-like reference.
 #               The stream alone, without containerd or a network:
 #               `cargo run --release -p mig-server --example stream-throughput`.
+# Every timed step (the floor's dump, the migration) starts after a `sync`: a step must not pay
+# for the previous one's disk writes. Without it the floor's 2-3 GiB of images and copies at
+# 1 GiB were still dirty when the migration began, and the kernel throttled the migration's
+# writes while it wrote them back (this VM's disk does ~100-200 MB/s): 1 GiB transfers took
+# 6-8 s instead of 1-3 s.
 # Goals (issue 4): 16 MiB downtime <= 0.25 s, 1 GiB <= 1.5 s, never worse than the floor.
 # Raw per-run values go to the log named at the end (kept with KEEP=1).
 set -euo pipefail
@@ -123,6 +128,7 @@ floor_run() { # size -> "dump_ms cp_ms restore_ms zstd_mibps"
     runc --root "$W/runc" run -d --bundle "$b" "$id" </dev/null > >(cat >/dev/null) 2>&1
     for _ in $(seq 600); do [ -s "$b/rootfs/tick" ] && break; sleep 0.05; done
     sleep 0.3
+    sync
     t0=$(now)
     runc --root "$W/runc" checkpoint --image-path "$W/img" --work-path "$W/work" --tcp-established --file-locks "$id"
     t1=$(now)
@@ -194,6 +200,7 @@ mig_run() { # size rep -> "client_ms record_ms ckpt_ms xfer_ms restore_ms xfer_m
     [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = bmhog ] || pid=$(pgrep -n -x bmhog)
     for _ in $(seq 600); do [ -s "/proc/$pid/root/tick" ] && break; sleep 0.05; done
     sleep 0.5
+    sync
     python3 "$W/poll.py" "$pid" "$W/client-$id" &
     POLLER=$!
     sleep 0.2
