@@ -1,7 +1,8 @@
 //! TLS between all parties: the server side (`--tls-cert`, `--tls-key`: rustls over the
 //! listening socket, see [`TlsListener`]; the pair is read again when the files change, see
 //! [`ServerCert`]) and the client side (`--tls-ca`: which CAs this
-//! process trusts when it calls other agents or the controller, see [`client_builder`]).
+//! process trusts when it calls other agents or the controller, see [`client_builder`]; the
+//! bundle is read again when it changes, see [`TrustedCas`]).
 //!
 //! The bearer token stays the authentication; TLS protects it and the checkpoint streams
 //! (process memory) from being read or changed on the node network. Clients do not present
@@ -316,23 +317,159 @@ pub fn load_ca_bundle(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsEr
 /// The one place every HTTP client of this binary starts from (agent to agent, agent to
 /// controller, controller to agent, the CLI). With `ca`, the CAs of that bundle are the
 /// *only* trust anchors: a cluster's own CA signs the node certificates, and a public CA
-/// that would also be trusted could issue a certificate for a node's name to anyone. Without
-/// it, the built-in web PKI roots, as before.
+/// that would also be trusted could issue a certificate for a node's name to anyone. The
+/// bundle is read again when it changes ([`TrustedCas`]). Without it, the built-in web PKI
+/// roots, as before.
 pub fn client_builder(ca: Option<&Path>) -> Result<reqwest::ClientBuilder, TlsError> {
-    let mut builder = reqwest::Client::builder().use_rustls_tls();
-    if let Some(path) = ca {
-        builder = builder.tls_built_in_root_certs(false);
-        for cert in load_ca_bundle(path)? {
-            let cert = reqwest::Certificate::from_der(&cert).map_err(|e| TlsError::Invalid {
-                what: "CA bundle",
-                path: path.to_path_buf(),
-                problem: format!("has a certificate reqwest refuses: {e}"),
-                expected: CA_EXPECTED,
-            })?;
-            builder = builder.add_root_certificate(cert);
-        }
+    let builder = reqwest::Client::builder().use_rustls_tls();
+    let Some(path) = ca else {
+        return Ok(builder);
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = TrustedCas::load(path, provider.clone(), RELOAD_CHECK)?;
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Invalid {
+            what: "CA bundle",
+            path: path.to_path_buf(),
+            problem: format!("cannot be used with this TLS library: {e}"),
+            expected: CA_EXPECTED,
+        })?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    Ok(builder.use_preconfigured_tls(config))
+}
+
+/// The CAs a client trusts (`--tls-ca`), read again when the bundle changes: a CA rotated in
+/// place (a new CA added to the bundle before the certificates it signs are rolled out, the
+/// old one removed after) is trusted from the next connection on, without a restart.
+///
+/// As [`ServerCert`]: a connection looks at the file's identity at most once per check
+/// interval; a changed bundle that does not load is logged and the CAs loaded before stay
+/// trusted until it changes again. Verification itself is rustls' WebPKI verifier.
+#[derive(Debug)]
+pub struct TrustedCas {
+    path: PathBuf,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    check_every: Duration,
+    state: std::sync::Mutex<Trusted>,
+}
+
+#[derive(Debug)]
+struct Trusted {
+    verifier: Arc<rustls::client::WebPkiServerVerifier>,
+    seen: Option<FileId>,
+    checked: std::time::Instant,
+}
+
+impl TrustedCas {
+    /// Loads the bundle now (an error if it does not load), to be looked at again at most
+    /// once per `check_every`.
+    pub fn load(
+        path: &Path,
+        provider: Arc<rustls::crypto::CryptoProvider>,
+        check_every: Duration,
+    ) -> Result<Self, TlsError> {
+        let seen = file_id(path);
+        let verifier = ca_verifier(path, &provider)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            provider,
+            check_every,
+            state: std::sync::Mutex::new(Trusted {
+                verifier,
+                seen,
+                checked: std::time::Instant::now(),
+            }),
+        })
     }
-    Ok(builder)
+
+    /// The verifier of the CAs to trust now, read again first if the bundle changed.
+    fn current(&self) -> Arc<rustls::client::WebPkiServerVerifier> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.checked.elapsed() < self.check_every {
+            return state.verifier.clone();
+        }
+        state.checked = std::time::Instant::now();
+        let seen = file_id(&self.path);
+        if seen == state.seen {
+            return state.verifier.clone();
+        }
+        state.seen = seen;
+        match ca_verifier(&self.path, &self.provider) {
+            Ok(verifier) => {
+                state.verifier = verifier;
+                tracing::info!(ca = %self.path.display(),
+                               "CA bundle changed on disk: trusting its CAs from now on");
+            }
+            Err(e) => tracing::error!(error = %e,
+                "CA bundle changed on disk but cannot be used; still trusting the CAs loaded \
+                 before until it changes again"),
+        }
+        state.verifier.clone()
+    }
+}
+
+/// rustls' WebPKI verifier over the CAs of the bundle at `path`.
+fn ca_verifier(
+    path: &Path,
+    provider: &Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<rustls::client::WebPkiServerVerifier>, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in load_ca_bundle(path)? {
+        // load_ca_bundle has checked each one.
+        let _ = roots.add(cert);
+    }
+    rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| TlsError::Invalid {
+            what: "CA bundle",
+            path: path.to_path_buf(),
+            problem: format!("cannot verify certificates: {e}"),
+            expected: CA_EXPECTED,
+        })
+}
+
+impl rustls::client::danger::ServerCertVerifier for TrustedCas {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        self.current().verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.current().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.current().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.current().supported_verify_schemes()
+    }
 }
 
 /// A TCP listener that hands axum only connections whose TLS handshake succeeded.

@@ -503,6 +503,95 @@ async fn a_node_agent_without_the_ca_cannot_register() {
     assert!(nodes(&http, &controller).await.is_empty());
 }
 
+/// A CA bundle changed on disk is trusted from the next connection on, without a restart:
+/// an agent whose `--tls-ca` holds only another CA cannot register; once a bundle with the
+/// cluster's CA is renamed over it (as a Secret volume update does), its retries get through.
+#[tokio::test]
+async fn a_ca_bundle_changed_on_disk_is_trusted_without_a_restart() {
+    let pki = pki();
+    let controller = controller(&pki).await;
+    let bundle = pki.dir.path().join("bundle.pem");
+    std::fs::copy(&pki.other_ca, &bundle).expect("bundle");
+    let (agent, _) = node(&pki, "node04", &controller, Some(&bundle)).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !agent.log().contains("UnknownIssuer") {
+        assert!(Instant::now() < deadline, "{}", agent.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rotated = [&pki.other_ca, &pki.ca]
+        .iter()
+        .map(|p| std::fs::read_to_string(p).expect("CA"))
+        .collect::<String>();
+    let tmp = pki.dir.path().join(".bundle.pem.new");
+    std::fs::write(&tmp, rotated).expect("write");
+    std::fs::rename(&tmp, &bundle).expect("rename");
+    let http = trusting(Some(&pki.ca));
+    let info = registered(&http, &controller, "node04").await;
+    assert_eq!(info.address, agent.https());
+    assert!(
+        agent.log().contains("CA bundle changed on disk"),
+        "{}",
+        agent.log()
+    );
+}
+
+/// The client side's verifier alone: each bundle on disk decides which certificates pass,
+/// and a bundle that does not load leaves the CAs trusted before.
+#[test]
+fn the_trusted_cas_follow_the_bundle_on_disk() {
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    let dir = tempfile::tempdir().expect("tmp");
+    let (ca_a, ca_b) = (
+        TestCa::new(dir.path(), "ca-a"),
+        TestCa::new(dir.path(), "ca-b"),
+    );
+    let leaf = |ca: &TestCa, name: &str| {
+        let (cert, _) = ca.issue(name, &["node01"]);
+        CertificateDer::from_pem_file(cert).expect("leaf")
+    };
+    let (leaf_a, leaf_b) = (leaf(&ca_a, "leaf-a"), leaf(&ca_b, "leaf-b"));
+    let bundle = dir.path().join("bundle.pem");
+    let install = |contents: String| {
+        let tmp = dir.path().join(".bundle.new");
+        std::fs::write(&tmp, contents).expect("write");
+        std::fs::rename(&tmp, &bundle).expect("rename");
+    };
+    let pem = |ca: &TestCa| std::fs::read_to_string(&ca.cert).expect("CA");
+    install(pem(&ca_a));
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let cas = mig_server::tls::TrustedCas::load(&bundle, provider, Duration::ZERO).expect("load");
+    let name = ServerName::try_from("node01").expect("name");
+    let passes = |leaf: &CertificateDer<'_>| {
+        cas.verify_server_cert(leaf, &[], &name, &[], UnixTime::now())
+            .is_ok()
+    };
+    assert_eq!(
+        (passes(&leaf_a), passes(&leaf_b)),
+        (true, false),
+        "bundle A"
+    );
+    install(pem(&ca_a) + &pem(&ca_b));
+    assert_eq!(
+        (passes(&leaf_a), passes(&leaf_b)),
+        (true, true),
+        "bundle A+B"
+    );
+    install(pem(&ca_b));
+    assert_eq!(
+        (passes(&leaf_a), passes(&leaf_b)),
+        (false, true),
+        "bundle B"
+    );
+    install("not a certificate\n".into());
+    assert_eq!(
+        (passes(&leaf_a), passes(&leaf_b)),
+        (false, true),
+        "a broken bundle keeps B"
+    );
+}
+
 /// A committed checkpoint of `id` in the origin's store, and the container record the origin
 /// keeps for `migration` (what its checkpoint step leaves behind).
 fn checkpoint_on(state: &Path, migration: &str, id: &str, payload: &[u8]) -> WorkloadIdentity {
