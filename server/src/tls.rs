@@ -192,16 +192,81 @@ pub struct ServerCert {
     cert: PathBuf,
     key: PathBuf,
     provider: Arc<rustls::crypto::CryptoProvider>,
+    loaded: Reloaded<Arc<rustls::sign::CertifiedKey>>,
+}
+
+/// A value read from files, read again when they change: the state behind [`ServerCert`] and
+/// [`TrustedCas`]. At most once per check interval the files' identity is compared with the
+/// one they had when last read; a changed set that does not load is logged once and the
+/// value loaded before is kept until the files change again.
+#[derive(Debug)]
+struct Reloaded<T> {
+    paths: Vec<PathBuf>,
+    /// What the value is, for the log.
+    what: &'static str,
     check_every: Duration,
-    state: std::sync::Mutex<Served>,
+    state: std::sync::Mutex<Loaded<T>>,
 }
 
 #[derive(Debug)]
-struct Served {
-    current: Arc<rustls::sign::CertifiedKey>,
+struct Loaded<T> {
+    current: T,
     /// The files' identity when last looked at.
-    seen: (Option<FileId>, Option<FileId>),
+    seen: Vec<Option<FileId>>,
     checked: std::time::Instant,
+}
+
+impl<T: Clone> Reloaded<T> {
+    /// Loads the value now (an error if it does not load).
+    fn load(
+        paths: &[&Path],
+        what: &'static str,
+        check_every: Duration,
+        load: impl FnOnce() -> Result<T, TlsError>,
+    ) -> Result<Self, TlsError> {
+        let seen = paths.iter().map(|p| file_id(p)).collect();
+        let current = load()?;
+        Ok(Self {
+            paths: paths.iter().map(|p| p.to_path_buf()).collect(),
+            what,
+            check_every,
+            state: std::sync::Mutex::new(Loaded {
+                current,
+                seen,
+                checked: std::time::Instant::now(),
+            }),
+        })
+    }
+
+    /// The value to use now, loaded again first with `load` if the files changed.
+    fn current(&self, load: impl FnOnce() -> Result<T, TlsError>) -> T {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.checked.elapsed() < self.check_every {
+            return state.current.clone();
+        }
+        state.checked = std::time::Instant::now();
+        let seen: Vec<_> = self.paths.iter().map(|p| file_id(p)).collect();
+        if seen == state.seen {
+            return state.current.clone();
+        }
+        state.seen = seen;
+        let files = self
+            .paths
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        match load() {
+            Ok(value) => {
+                state.current = value;
+                tracing::info!(%files, "{} changed on disk: using the new one", self.what);
+            }
+            Err(e) => tracing::error!(%files, error = %e,
+                "{} changed on disk but cannot be used; still using the one loaded before until \
+                 the files change again", self.what),
+        }
+        state.current.clone()
+    }
 }
 
 /// What tells a file's contents changed without reading it.
@@ -233,44 +298,21 @@ impl ServerCert {
         provider: Arc<rustls::crypto::CryptoProvider>,
         check_every: Duration,
     ) -> Result<Self, TlsError> {
-        let seen = (file_id(cert), file_id(key));
-        let current = Arc::new(certified_key(cert, key, &provider)?);
+        let loaded = Reloaded::load(&[cert, key], "TLS certificate", check_every, || {
+            certified_key(cert, key, &provider).map(Arc::new)
+        })?;
         Ok(Self {
             cert: cert.to_path_buf(),
             key: key.to_path_buf(),
             provider,
-            check_every,
-            state: std::sync::Mutex::new(Served {
-                current,
-                seen,
-                checked: std::time::Instant::now(),
-            }),
+            loaded,
         })
     }
 
     /// The pair to serve now, read again first if the files changed.
     pub fn current(&self) -> Arc<rustls::sign::CertifiedKey> {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if state.checked.elapsed() < self.check_every {
-            return state.current.clone();
-        }
-        state.checked = std::time::Instant::now();
-        let seen = (file_id(&self.cert), file_id(&self.key));
-        if seen == state.seen {
-            return state.current.clone();
-        }
-        state.seen = seen;
-        match certified_key(&self.cert, &self.key, &self.provider) {
-            Ok(pair) => {
-                state.current = Arc::new(pair);
-                tracing::info!(cert = %self.cert.display(), key = %self.key.display(),
-                               "TLS certificate changed on disk: serving the new one");
-            }
-            Err(e) => tracing::error!(error = %e,
-                "TLS certificate or key changed on disk but cannot be used; still serving the \
-                 previous one until the files change again"),
-        }
-        state.current.clone()
+        self.loaded
+            .current(|| certified_key(&self.cert, &self.key, &self.provider).map(Arc::new))
     }
 }
 
@@ -352,15 +394,7 @@ pub fn client_builder(ca: Option<&Path>) -> Result<reqwest::ClientBuilder, TlsEr
 pub struct TrustedCas {
     path: PathBuf,
     provider: Arc<rustls::crypto::CryptoProvider>,
-    check_every: Duration,
-    state: std::sync::Mutex<Trusted>,
-}
-
-#[derive(Debug)]
-struct Trusted {
-    verifier: Arc<rustls::client::WebPkiServerVerifier>,
-    seen: Option<FileId>,
-    checked: std::time::Instant,
+    loaded: Reloaded<Arc<rustls::client::WebPkiServerVerifier>>,
 }
 
 impl TrustedCas {
@@ -371,43 +405,20 @@ impl TrustedCas {
         provider: Arc<rustls::crypto::CryptoProvider>,
         check_every: Duration,
     ) -> Result<Self, TlsError> {
-        let seen = file_id(path);
-        let verifier = ca_verifier(path, &provider)?;
+        let loaded = Reloaded::load(&[path], "CA bundle", check_every, || {
+            ca_verifier(path, &provider)
+        })?;
         Ok(Self {
             path: path.to_path_buf(),
             provider,
-            check_every,
-            state: std::sync::Mutex::new(Trusted {
-                verifier,
-                seen,
-                checked: std::time::Instant::now(),
-            }),
+            loaded,
         })
     }
 
     /// The verifier of the CAs to trust now, read again first if the bundle changed.
     fn current(&self) -> Arc<rustls::client::WebPkiServerVerifier> {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if state.checked.elapsed() < self.check_every {
-            return state.verifier.clone();
-        }
-        state.checked = std::time::Instant::now();
-        let seen = file_id(&self.path);
-        if seen == state.seen {
-            return state.verifier.clone();
-        }
-        state.seen = seen;
-        match ca_verifier(&self.path, &self.provider) {
-            Ok(verifier) => {
-                state.verifier = verifier;
-                tracing::info!(ca = %self.path.display(),
-                               "CA bundle changed on disk: trusting its CAs from now on");
-            }
-            Err(e) => tracing::error!(error = %e,
-                "CA bundle changed on disk but cannot be used; still trusting the CAs loaded \
-                 before until it changes again"),
-        }
-        state.verifier.clone()
+        self.loaded
+            .current(|| ca_verifier(&self.path, &self.provider))
     }
 }
 

@@ -298,7 +298,7 @@ async fn a_certificate_renewed_on_disk_is_served_without_a_restart() {
         error_chain(&err)
     );
     assert!(
-        controller.log().contains("serving the new one"),
+        controller.log().contains("TLS certificate changed on disk"),
         "{}",
         controller.log()
     );
@@ -315,7 +315,7 @@ async fn a_certificate_renewed_on_disk_is_served_without_a_restart() {
     assert!(
         controller
             .log()
-            .contains("cannot be used; still serving the previous one"),
+            .contains("cannot be used; still using the one loaded before"),
         "{}",
         controller.log()
     );
