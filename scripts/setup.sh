@@ -149,7 +149,8 @@ install -d -m 700 /var/lib/kubernetes-mig
 say "installing the manifest validator"
 bash "$ROOT/configs/validate.sh" --install >/dev/null
 
-if command -v dmtcp_launch >/dev/null || [ -n "${MIG_DMTCP_DIR:-}" ]; then
+# Where the tests look (tests/src/dmtcp.rs): MIG_DMTCP_DIR, dmtcp_launch on PATH, /opt/dmtcp.
+if [ -n "${MIG_DMTCP_DIR:-}" ] || command -v dmtcp_launch >/dev/null || [ -x /opt/dmtcp/bin/dmtcp_launch ]; then
     dmtcp_note="DMTCP found: the dmtcp engine's tests will run"
 else
     dmtcp_note="DMTCP not installed (no registry carries it): the dmtcp engine's tests will skip"
