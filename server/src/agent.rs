@@ -34,7 +34,7 @@ use crate::containerd::{
     ContainerInfo, Containerd, ContainerdError, POD_LABEL, TaskStatus, WORKLOAD_LABEL,
 };
 use crate::files::{remove_if_exists, write_private};
-use crate::migration::Target;
+use crate::migration::{Target, millis};
 use crate::protocol::{ActionReport, CheckpointSummary, ContainerState};
 
 /// What a node agent operation failed on; the HTTP layer maps it to a status code.
@@ -91,10 +91,6 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> AgentError {
 /// How often a restore looks whether the task it starts already runs (see
 /// [`NodeAgent::start_watching`]).
 const RUNNING_POLL: Duration = Duration::from_millis(10);
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
 
 /// Validates a name from a request before it goes near a path or a command line.
 pub fn safe(what: &str, name: &str) -> Result<SafeName, AgentError> {

@@ -194,8 +194,6 @@ struct Clock {
     created: Instant,
     phase_started: Instant,
     downtime_started: Option<Instant>,
-    /// When the destination reported the workload running, if before entering `finishing`.
-    running_since: Option<Instant>,
 }
 
 impl Default for Clock {
@@ -205,12 +203,12 @@ impl Default for Clock {
             created: now,
             phase_started: now,
             downtime_started: None,
-            running_since: None,
         }
     }
 }
 
-fn millis(d: Duration) -> u64 {
+/// `d` in whole milliseconds, saturating.
+pub(crate) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
@@ -300,18 +298,17 @@ impl Migration {
     }
 
     fn workload_running_again(&mut self, now: Instant) {
-        let ran = self.clock.running_since.take().unwrap_or(now);
         if let Some(start) = self.clock.downtime_started.take() {
-            self.downtime_ms = Some(millis(ran.max(start) - start));
+            self.downtime_ms = Some(millis(now.max(start) - start));
         }
     }
 
     /// The destination saw the workload running `before` ago, ahead of the answer that ends
     /// the restore (a lazy restore answers once all memory is in place): the downtime ends
-    /// there when `finishing` is entered.
+    /// there, not when `finishing` is entered.
     pub fn running_before(&mut self, before: Duration) {
         let now = Instant::now();
-        self.clock.running_since = Some(now.checked_sub(before).unwrap_or(now));
+        self.workload_running_again(now.checked_sub(before).unwrap_or(now));
     }
 
     /// Ends the migration as `Failed` or `RolledBack` with the reason and what was done.
@@ -378,7 +375,6 @@ impl Migration {
             created,
             phase_started,
             downtime_started,
-            running_since: None,
         };
     }
 

@@ -818,13 +818,7 @@ async fn a_restart_after_the_scale_up_finishes_when_the_new_pod_runs_from_the_ch
     .await;
     let c = restarted(&s, Duration::from_secs(20));
     let m = resume(&c, &id).await;
-    assert_eq!(m.phase, Phase::Done, "{m:?}");
-    assert!(
-        m.warnings
-            .iter()
-            .any(|w| w.starts_with("the controller restarted while restoring; ")),
-        "{m:?}"
-    );
+    records::assert_done_after_restart_while(&m, "restoring");
     let k = m.kubernetes.as_ref().expect("kubernetes report");
     assert!(k.state_restored);
     assert_eq!(k.new_pods, vec!["mosquitto-7d4b9c8f5-q8zkp"]);
@@ -854,13 +848,7 @@ async fn a_restart_while_finishing_only_removes_the_origins_checkpoint() {
     assert!(has_checkpoint(&s.origin));
     let c = restarted(&s, Duration::from_secs(20));
     let m = resume(&c, &id).await;
-    assert_eq!(m.phase, Phase::Done, "{m:?}");
-    assert!(
-        m.warnings
-            .iter()
-            .any(|w| w.starts_with("the controller restarted while finishing; ")),
-        "{m:?}"
-    );
+    records::assert_done_after_restart_while(&m, "finishing");
     let steps = &m.kubernetes.as_ref().expect("kubernetes report").steps;
     assert!(
         steps

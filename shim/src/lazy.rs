@@ -25,10 +25,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use containerd_shim::asynchronous::monitor::{
-    Subscription, monitor_subscribe, monitor_unsubscribe,
-};
-use containerd_shim::monitor::{Subject, Topic};
+use containerd_shim::asynchronous::monitor::{Subscription, monitor_unsubscribe};
+use containerd_shim::monitor::Subject;
 
 use crate::error::{Error, Result};
 
@@ -134,19 +132,7 @@ impl Fill {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .process_group(0);
-        let sub = monitor_subscribe(Topic::Pid)
-            .await
-            .map_err(|e| Error::Other(format!("subscribe to exits: {e}")))?;
-        let child = match cmd.spawn() {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = monitor_unsubscribe(sub.id).await;
-                return Err(Error::Io {
-                    context: "run criu lazy-pages".into(),
-                    source: e,
-                });
-            }
-        };
+        let (child, sub) = crate::runc::spawn_watched(&mut cmd).await?;
         let mut fill = Self {
             pid: child.id() as i32,
             sub,
@@ -155,14 +141,16 @@ impl Fill {
         };
         while !socket.exists() {
             if let Some(code) = fill.exited() {
+                let _ = monitor_unsubscribe(fill.sub.id).await;
                 return Err(fill.failure(format!("exited with status {code} before listening")));
             }
             if fill.started.elapsed() > READY_TIMEOUT {
-                fill.kill();
-                return Err(fill.failure(format!(
+                let e = fill.failure(format!(
                     "did not listen on {} within {READY_TIMEOUT:?}",
                     socket.display()
-                )));
+                ));
+                fill.abandon().await;
+                return Err(e);
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
@@ -181,13 +169,7 @@ impl Fill {
 
     /// Waits until the daemon has copied every page and exited.
     pub async fn wait(mut self) -> Result<Duration> {
-        let mut code = -1;
-        while let Some(e) = self.sub.rx.recv().await {
-            if matches!(e.subject, Subject::Pid(p) if p == self.pid) {
-                code = e.exit_code;
-                break;
-            }
-        }
+        let code = crate::runc::wait_exit(self.pid, &mut self.sub).await;
         let _ = monitor_unsubscribe(self.sub.id).await;
         if code == 0 {
             Ok(self.started.elapsed())
@@ -196,15 +178,14 @@ impl Fill {
         }
     }
 
-    /// Ends the daemon (a restore that failed).
-    pub fn kill(&self) {
+    fn kill(&self) {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.pid),
             nix::sys::signal::Signal::SIGKILL,
         );
     }
 
-    /// Ends the daemon and waits for it.
+    /// Ends the daemon (a restore that failed) and waits for it.
     pub async fn abandon(self) {
         self.kill();
         let _ = self.wait().await;

@@ -496,7 +496,7 @@ pub async fn run_watched(mut cmd: Command, stdin: Option<Vec<u8>>) -> Result<Fin
 }
 
 /// Spawns `cmd` with the exit monitor already listening for it.
-async fn spawn_watched(
+pub(crate) async fn spawn_watched(
     cmd: &mut Command,
 ) -> Result<(
     std::process::Child,
@@ -517,7 +517,8 @@ async fn spawn_watched(
     }
 }
 
-async fn wait_exit(
+/// Waits for the exit of `pid`, which `sub` was listening for when it was spawned.
+pub(crate) async fn wait_exit(
     pid: i32,
     sub: &mut containerd_shim::asynchronous::monitor::Subscription,
 ) -> i32 {

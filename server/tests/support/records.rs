@@ -25,3 +25,14 @@ pub fn migration_at(workload: &str, origin: &str, dest: &str, phase: Phase) -> M
     }
     m
 }
+
+/// `m`, resumed by a restarted controller, ended `done` with the warning that the restart
+/// happened while it was in `phase`.
+pub fn assert_done_after_restart_while(m: &Migration, phase: &str) {
+    assert_eq!(m.phase, Phase::Done, "{m:?}");
+    let warning = format!("the controller restarted while {phase}; ");
+    assert!(
+        m.warnings.iter().any(|w| w.starts_with(&warning)),
+        "no warning starting {warning:?}: {m:?}"
+    );
+}
