@@ -111,13 +111,37 @@ pub struct Fill {
     sub: Subscription,
     log: PathBuf,
     started: Instant,
+    /// Post-copy: the pages come from the origin through this bridge, told the daemon's exit
+    /// status ([`crate::postcopy::fetch`]).
+    remote: Option<(
+        tokio::sync::oneshot::Sender<i32>,
+        tokio::task::JoinHandle<std::result::Result<(), String>>,
+    )>,
 }
 
 impl Fill {
     /// Starts `criu lazy-pages` on `images`, sharing `work` with the restore to come, and
     /// returns once it listens.
     pub async fn start(images: &Path, work: &Path) -> Result<Self> {
+        Self::start_with(images, work, None).await
+    }
+
+    /// Post-copy ([`crate::postcopy`]): as [`Fill::start`], but the daemon fetches the pages
+    /// from the origin's page server, reached through `pages_socket`.
+    pub async fn start_remote(images: &Path, work: &Path, pages_socket: &Path) -> Result<Self> {
+        Self::start_with(images, work, Some(pages_socket)).await
+    }
+
+    async fn start_with(images: &Path, work: &Path, pages_socket: Option<&Path>) -> Result<Self> {
         std::fs::create_dir_all(work).map_err(Error::io(format!("create {}", work.display())))?;
+        let page_server = match pages_socket {
+            Some(_) => Some(
+                tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .map_err(Error::io("listen on 127.0.0.1 for the lazy pages daemon"))?,
+            ),
+            None => None,
+        };
         let socket = work.join(SOCKET);
         let _ = std::fs::remove_file(&socket);
         let log = work.join(LOG);
@@ -127,17 +151,40 @@ impl Fill {
             .arg(images)
             .arg("--work-dir")
             .arg(work)
-            .args(["--log-file", LOG, "-v2"])
-            .stdin(Stdio::null())
+            .args(["--log-file", LOG, "-v2"]);
+        if let Some(listener) = &page_server {
+            let port = listener
+                .local_addr()
+                .map_err(Error::io("the page server bridge's address"))?
+                .port();
+            cmd.args(["--page-server", "--address", "127.0.0.1", "--port"])
+                .arg(port.to_string());
+        }
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .process_group(0);
         let (child, sub) = crate::runc::spawn_watched(&mut cmd).await?;
+        let pid = child.id() as i32;
+        let remote = match (page_server, pages_socket) {
+            (Some(listener), Some(socket)) => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let fetch = tokio::spawn(crate::postcopy::fetch(
+                    listener,
+                    pid,
+                    socket.to_path_buf(),
+                    rx,
+                ));
+                Some((tx, fetch))
+            }
+            _ => None,
+        };
         let mut fill = Self {
-            pid: child.id() as i32,
+            pid,
             sub,
             log,
             started: Instant::now(),
+            remote,
         };
         while !socket.exists() {
             if let Some(code) = fill.exited() {
@@ -171,6 +218,22 @@ impl Fill {
     pub async fn wait(mut self) -> Result<Duration> {
         let code = crate::runc::wait_exit(self.pid, &mut self.sub).await;
         let _ = monitor_unsubscribe(self.sub.id).await;
+        if let Some((exited, fetch)) = self.remote.take() {
+            let _ = exited.send(code);
+            // The origin must hear that every page is in, or it resumes the workload: then
+            // this copy must not run on either.
+            match fetch.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) if code == 0 => {
+                    return Err(self.failure(format!(
+                        "had every page, but the origin could not be told so ({e}); the \
+                         origin resumes the workload"
+                    )));
+                }
+                Ok(Err(_)) => {}
+                Err(e) => return Err(self.failure(format!("bridge to the origin failed: {e}"))),
+            }
+        }
         if code == 0 {
             Ok(self.started.elapsed())
         } else {

@@ -17,6 +17,7 @@ pub mod node;
 pub mod node_cache;
 pub mod options;
 pub mod overlay;
+pub mod postcopy;
 pub mod process;
 pub mod runc;
 pub mod service;

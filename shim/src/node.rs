@@ -81,6 +81,11 @@ pub struct Mark {
     /// with the transfer for the disk and the CPU.
     #[serde(default = "durable_by_default")]
     pub durable: bool,
+    /// Post-copy (CRIU only, see [`crate::postcopy`]): the checkpoint leaves the memory pages
+    /// out, the processes stay frozen, and the pages are served to the destination on the
+    /// workload's pages socket ([`NodeConfig::pages_socket`]) until it has them all.
+    #[serde(default)]
+    pub post_copy: bool,
 }
 
 fn durable_by_default() -> bool {
@@ -96,6 +101,11 @@ pub struct Incoming {
     /// The migration the checkpoint comes with.
     #[serde(default)]
     pub migration: String,
+    /// Post-copy: the checkpoint holds no memory pages; they are fetched from the origin
+    /// while the workload already runs, through this unix socket (the node agent pipes it to
+    /// the origin's pages socket).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pages_socket: Option<PathBuf>,
 }
 
 impl NodeConfig {
@@ -165,6 +175,14 @@ impl NodeConfig {
     /// The migration mark for `identity`, if the node agent set one.
     pub fn mark(&self, identity: &WorkloadIdentity) -> Result<Option<Mark>> {
         read_mark(&self.mark_path(identity), "migration mark")
+    }
+
+    /// Where a post-copy checkpoint of `identity` serves its memory pages
+    /// (`<state>/pages/<key>.sock`; see [`crate::postcopy`]).
+    pub fn pages_socket(&self, identity: &WorkloadIdentity) -> PathBuf {
+        self.state_dir
+            .join("pages")
+            .join(format!("{}.sock", identity.key()))
     }
 
     fn incoming_path(&self, identity: &WorkloadIdentity) -> PathBuf {
@@ -292,6 +310,7 @@ mod tests {
             migration: "m-1".into(),
             force: false,
             durable: false,
+            post_copy: true,
         };
         node.set_mark(&id, &mark).unwrap();
         assert_eq!(node.mark(&id).unwrap(), Some(mark));
@@ -315,6 +334,7 @@ mod tests {
         assert_eq!(node.incoming(&id).unwrap(), None);
         let incoming = Incoming {
             migration: "m-1".into(),
+            pages_socket: Some("/run/x/pages.sock".into()),
         };
         node.set_incoming(&id, &incoming).unwrap();
         assert_eq!(node.incoming(&id).unwrap(), Some(incoming));

@@ -98,6 +98,20 @@ pub trait Runtime: Send + Sync + std::fmt::Debug {
     async fn stats(&self, id: &str) -> Result<Value>;
     /// `runc checkpoint` (CRIU).
     async fn checkpoint(&self, id: &str, opts: &CheckpointOpts) -> Result<()>;
+    /// `runc checkpoint --lazy-pages` (CRIU's lazy migration, [`crate::postcopy`]): returns
+    /// once CRIU has written everything but the memory pages and its page server listens on
+    /// `page_server` (`127.0.0.1:PORT`); the processes stay frozen until
+    /// [`LazyDump::wait`] says how the dump ended.
+    async fn checkpoint_lazy(
+        &self,
+        id: &str,
+        _opts: &CheckpointOpts,
+        _page_server: &str,
+    ) -> Result<LazyDump> {
+        Err(Error::FailedPrecondition(format!(
+            "container {id}: this runtime cannot checkpoint lazily"
+        )))
+    }
     /// `runc restore --detach` (CRIU); returns the pid of the restored init.
     async fn restore(
         &self,
@@ -422,6 +436,61 @@ impl Runtime for RuncCli {
         Ok(())
     }
 
+    async fn checkpoint_lazy(
+        &self,
+        id: &str,
+        opts: &CheckpointOpts,
+        page_server: &str,
+    ) -> Result<LazyDump> {
+        use std::os::fd::{AsRawFd, IntoRawFd};
+        fs::create_dir_all(&opts.work_path)
+            .map_err(Error::io(format!("create {}", opts.work_path.display())))?;
+        // CRIU writes one byte to the status fd once its page server listens.
+        let (ready_r, ready_w) =
+            nix::unistd::pipe().map_err(|e| Error::Other(format!("pipe: {e}")))?;
+        let mut args: Vec<std::ffi::OsString> = vec!["checkpoint".into()];
+        args.extend(Self::criu_args(opts));
+        args.extend([
+            "--lazy-pages".into(),
+            "--page-server".into(),
+            page_server.into(),
+            "--status-fd".into(),
+            ready_w.as_raw_fd().to_string().into(),
+        ]);
+        args.push(id.into());
+        let mut cmd = self.command(None);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let (child, mut sub) = spawn_watched(&mut cmd).await?;
+        drop(ready_w);
+        let pid = child.id() as i32;
+        let log = opts.work_path.join("dump.log");
+        let ready_fd = ready_r.into_raw_fd();
+        let mut ready = tokio::task::spawn_blocking(move || {
+            use std::os::fd::FromRawFd;
+            // SAFETY: the read end of the pipe made above, owned by nothing else.
+            let mut f = unsafe { std::fs::File::from_raw_fd(ready_fd) };
+            let mut byte = [0u8; 1];
+            matches!(f.read(&mut byte), Ok(1))
+        });
+        tokio::select! {
+            listening = &mut ready => {
+                if listening.unwrap_or(false) {
+                    return Ok(LazyDump { id: id.into(), pid, sub, log });
+                }
+                let code = wait_exit(pid, &mut sub).await;
+                let _ = monitor_unsubscribe(sub.id).await;
+                Err(lazy_dump_failed(id, code, &log))
+            }
+            code = wait_exit(pid, &mut sub) => {
+                let _ = monitor_unsubscribe(sub.id).await;
+                Err(lazy_dump_failed(id, code, &log))
+            }
+        }
+    }
+
     async fn restore(
         &self,
         id: &str,
@@ -514,6 +583,50 @@ pub(crate) async fn spawn_watched(
                 source: e,
             })
         }
+    }
+}
+
+/// A lazy dump whose page server is serving ([`Runtime::checkpoint_lazy`]).
+pub struct LazyDump {
+    id: String,
+    pid: i32,
+    sub: containerd_shim::asynchronous::monitor::Subscription,
+    log: PathBuf,
+}
+
+impl std::fmt::Debug for LazyDump {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LazyDump")
+            .field("id", &self.id)
+            .field("pid", &self.pid)
+            .finish()
+    }
+}
+
+impl LazyDump {
+    /// The pid of `runc checkpoint`.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Waits for the end of the dump: `Ok` when CRIU served every page and ended the
+    /// processes; an error (with CRIU's log) when it failed, which resumes them.
+    pub async fn wait(mut self) -> Result<()> {
+        let code = wait_exit(self.pid, &mut self.sub).await;
+        let _ = monitor_unsubscribe(self.sub.id).await;
+        if code == 0 {
+            Ok(())
+        } else {
+            Err(lazy_dump_failed(&self.id, code, &self.log))
+        }
+    }
+}
+
+fn lazy_dump_failed(id: &str, code: i32, log: &Path) -> Error {
+    Error::Runc {
+        op: "checkpoint --lazy-pages".into(),
+        id: id.into(),
+        message: with_criu_log(format!("exit status {code}"), log),
     }
 }
 

@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use mig_checkpoint::{Checkpoint, EngineInfo, SafeName, WorkloadIdentity};
+use mig_checkpoint::{Checkpoint, EngineInfo, SafeName, Store, WorkloadIdentity};
 use oci_spec::runtime::Spec;
 use tokio::sync::OnceCell;
 
@@ -389,6 +389,7 @@ impl Workload {
             return Ok(Some(StopCheckpoint {
                 force: mark.force || sigkill,
                 durable: mark.durable,
+                post_copy: mark.post_copy,
             }));
         }
         // The annotation's checkpoint may wait for a long time (until the workload is
@@ -396,6 +397,7 @@ impl Workload {
         Ok(self.checkpoint_on_stop.then_some(StopCheckpoint {
             force: sigkill,
             durable: true,
+            post_copy: false,
         }))
     }
 
@@ -415,6 +417,7 @@ impl Workload {
         &self,
         id: &str,
         runtime: &dyn Runtime,
+        post_copy: bool,
     ) -> std::result::Result<Checkpoint, StopCheckpointError> {
         let running = |error| StopCheckpointError {
             error,
@@ -429,6 +432,13 @@ impl Workload {
             .begin(&self.identity)
             .map_err(|e| running(Error::Other(format!("start a checkpoint of {id}: {e}"))))?;
         writer.set_durable(false);
+        let mut serving = None;
+        if post_copy && self.engine.kind() != EngineKind::Criu {
+            return Err(running(Error::FailedPrecondition(format!(
+                "container {id} runs under {}: post-copy needs CRIU; migrate it without post-copy",
+                self.engine.kind().name()
+            ))));
+        }
         let images = writer
             .images_dir()
             .map_err(|e| running(Error::Other(format!("checkpoint of {id}: {e}"))))?;
@@ -446,8 +456,16 @@ impl Workload {
                     .map_err(|e| running(Error::Other(format!("checkpoint of {id}: {e}"))))?;
                 // A failed dump leaves the processes running (CRIU resumes them).
                 let began = std::time::Instant::now();
-                runtime.checkpoint(id, &opts).await.map_err(running)?;
-                tracing::info!(container_id = %id, elapsed_ms = began.elapsed().as_millis() as u64, "CRIU dump done");
+                if post_copy {
+                    serving = Some(
+                        self.dump_lazily(id, runtime, &opts)
+                            .await
+                            .map_err(running)?,
+                    );
+                } else {
+                    runtime.checkpoint(id, &opts).await.map_err(running)?;
+                }
+                tracing::info!(container_id = %id, elapsed_ms = began.elapsed().as_millis() as u64, post_copy, "CRIU dump done");
                 writer.images_written();
             }
             Engine::Dmtcp { dirs, .. } => {
@@ -483,7 +501,7 @@ impl Workload {
         let volumes = self.volumes.clone();
         let (engine, image) = (self.engine.info(), self.image.clone());
         let id = id.to_string();
-        tokio::task::spawn_blocking(move || -> Result<Checkpoint> {
+        let committed = tokio::task::spawn_blocking(move || -> Result<Checkpoint> {
             let fail = |e: mig_checkpoint::Error| Error::Other(format!("checkpoint of {id}: {e}"));
             if let Some(upper) = upper {
                 writer.add_upper_layer(&upper).map_err(fail)?;
@@ -494,8 +512,114 @@ impl Workload {
             writer.commit(engine, &image).map_err(fail)
         })
         .await
-        .map_err(|e| stopped(Error::Other(format!("checkpoint: {e}"))))?
-        .map_err(stopped)
+        .map_err(|e| Error::Other(format!("checkpoint: {e}")))
+        .and_then(|r| r);
+        match (committed, serving) {
+            (Ok(ckpt), Some(serving)) => {
+                self.serve_pages(serving, ckpt.dir().to_path_buf());
+                Ok(ckpt)
+            }
+            (Ok(ckpt), None) => Ok(ckpt),
+            // The processes are still frozen: resetting the page server resumes them.
+            (Err(e), Some(serving)) => {
+                serving.abort().await;
+                Err(running(e))
+            }
+            (Err(e), None) => Err(stopped(e)),
+        }
+    }
+
+    /// The lazy dump of a post-copy checkpoint ([`crate::postcopy`]): returns once CRIU has
+    /// written everything but the pages, with its page server connected and the workload's
+    /// pages socket bound.
+    async fn dump_lazily(
+        &self,
+        id: &str,
+        runtime: &dyn Runtime,
+        opts: &CheckpointOpts,
+    ) -> Result<Serving> {
+        let store = self.node.store()?;
+        let socket = self.node.pages_socket(&self.identity);
+        let listener = crate::postcopy::bind(&socket)
+            .map_err(Error::io(format!("bind {}", socket.display())))?;
+        let port = crate::postcopy::free_port()
+            .map_err(Error::io("find a free port for CRIU's page server"))?;
+        let dump = match runtime
+            .checkpoint_lazy(id, opts, &format!("127.0.0.1:{port}"))
+            .await
+        {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = std::fs::remove_file(&socket);
+                return Err(e);
+            }
+        };
+        // CRIU serves the first connection: ours, at once.
+        let criu = match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+            Ok(criu) => criu,
+            Err(e) => {
+                // Unconnected, CRIU would wait for ever with the processes frozen.
+                let _ = std::fs::remove_file(&socket);
+                return Err(Error::Other(format!(
+                    "connect to CRIU's page server on 127.0.0.1:{port}: {e}; the processes of \
+                     {id} stay frozen until the dump (runc, pid {}) is killed",
+                    dump.pid()
+                )));
+            }
+        };
+        let serving = Serving {
+            id: id.to_string(),
+            listener,
+            criu,
+            dump,
+            socket,
+            store,
+            identity: self.identity.clone(),
+        };
+        let marker = opts.image_path.join(crate::postcopy::MARKER);
+        match std::fs::write(
+            &marker,
+            "post-copy checkpoint: its memory pages stayed on the origin\n",
+        ) {
+            Ok(()) => Ok(serving),
+            Err(e) => {
+                serving.abort().await;
+                Err(Error::Io {
+                    context: format!("write {}", marker.display()),
+                    source: e,
+                })
+            }
+        }
+    }
+
+    /// Serves the pages of a committed post-copy checkpoint in the background; when the dump
+    /// ends without serving them all, the workload resumes and its page-less checkpoint goes.
+    fn serve_pages(&self, serving: Serving, dir: PathBuf) {
+        tokio::spawn(async move {
+            let Serving {
+                id,
+                listener,
+                criu,
+                dump,
+                socket,
+                store,
+                identity,
+            } = serving;
+            let served =
+                crate::postcopy::serve(listener, criu, crate::postcopy::CONNECT_TIMEOUT).await;
+            let _ = std::fs::remove_file(&socket);
+            match (dump.wait().await, served) {
+                (Ok(()), crate::postcopy::Served::Complete) => {
+                    tracing::info!(container_id = %id, "post-copy: every page served; the origin's processes ended");
+                }
+                (result, served) => {
+                    tracing::warn!(container_id = %id, ?served, result = ?result.err().map(|e| e.to_string()), checkpoint = %dir.display(), "post-copy: the pages were not all served; the workload resumes here and its page-less checkpoint is removed");
+                    if let Err(e) = store.remove(&identity) {
+                        tracing::error!(container_id = %id, error = %e, "remove the page-less checkpoint");
+                    }
+                }
+            }
+        });
     }
 
     /// containerd's own checkpoint (`Task.Checkpoint`) of a DMTCP container: the images go to
@@ -602,6 +726,29 @@ pub struct StopCheckpoint {
     pub force: bool,
     /// Make the checkpoint's data durable (right after the stop, see [`crate::writeback`]).
     pub durable: bool,
+    /// Leave the memory pages out and serve them to the destination ([`crate::postcopy`]).
+    pub post_copy: bool,
+}
+
+/// A lazy dump serving its pages ([`Workload::checkpoint`] with post-copy).
+struct Serving {
+    id: String,
+    listener: tokio::net::UnixListener,
+    criu: tokio::net::TcpStream,
+    dump: crate::runc::LazyDump,
+    socket: PathBuf,
+    store: Store,
+    identity: WorkloadIdentity,
+}
+
+impl Serving {
+    /// Resets the page server (the dump fails, the processes resume) and waits for the dump.
+    async fn abort(self) {
+        crate::postcopy::reset_connection(self.criu);
+        drop(self.listener);
+        let _ = std::fs::remove_file(&self.socket);
+        let _ = self.dump.wait().await;
+    }
 }
 
 /// A checkpoint for a stop that failed.
@@ -776,7 +923,11 @@ mod tests {
     }
 
     fn stop(force: bool, durable: bool) -> StopCheckpoint {
-        StopCheckpoint { force, durable }
+        StopCheckpoint {
+            force,
+            durable,
+            post_copy: false,
+        }
     }
 
     #[test]
@@ -805,6 +956,7 @@ mod tests {
             migration: "m1".into(),
             force: false,
             durable: false,
+            post_copy: false,
         };
         w.node.set_mark(&w.identity, &mark).unwrap();
         assert_eq!(

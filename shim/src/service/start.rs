@@ -392,11 +392,44 @@ impl Service {
             .map(|w| w.node.criu_lazy_pages)
             .unwrap_or_default();
         let page_bytes = crate::lazy::page_bytes(&images);
-        let lazy = mode.choose(page_bytes, crate::lazy::kernel_has_userfaultfd())?;
+        // Post-copy: the pages are on the origin, fetched through the socket the node agent
+        // named in the incoming mark.
+        let pages_socket = match &c.workload {
+            Some(w) => w.node.incoming(&w.identity)?.and_then(|i| i.pages_socket),
+            None => None,
+        };
+        let post_copy = crate::postcopy::is_post_copy(&images);
+        if post_copy && pages_socket.is_none() {
+            return Err(Error::FailedPrecondition(format!(
+                "container {}: its checkpoint {} was made for a post-copy migration: its memory \
+                 pages stayed on the origin, which serves them only to that migration's \
+                 destination; it cannot be restored from here",
+                c.id,
+                images.display()
+            )));
+        }
+        let lazy = match &pages_socket {
+            Some(_) if !crate::lazy::kernel_has_userfaultfd() => {
+                return Err(Error::FailedPrecondition(format!(
+                    "container {}: a post-copy restore needs userfaultfd, which this kernel \
+                     lacks (no /proc/sys/vm/unprivileged_userfaultfd); migrate without post-copy",
+                    c.id
+                )));
+            }
+            Some(_) => true,
+            None => mode.choose(page_bytes, crate::lazy::kernel_has_userfaultfd())?,
+        };
         let work_path = c.bundle.join("criu-work");
         let (child, pending) = PendingIo::prepare(&c.init.paths)?;
-        let fill = if lazy {
-            match crate::lazy::Fill::start(&images, &work_path).await {
+        let started = match &pages_socket {
+            Some(socket) => {
+                Some(crate::lazy::Fill::start_remote(&images, &work_path, socket).await)
+            }
+            None if lazy => Some(crate::lazy::Fill::start(&images, &work_path).await),
+            None => None,
+        };
+        let fill = if let Some(started) = started {
+            match started {
                 Ok(fill) => Some(fill),
                 Err(e) => {
                     pending.abandon().await;
@@ -406,7 +439,7 @@ impl Service {
         } else {
             None
         };
-        tracing::info!(container_id = %c.id, page_bytes, lazy, "restoring with CRIU");
+        tracing::info!(container_id = %c.id, page_bytes, lazy, post_copy = pages_socket.is_some(), "restoring with CRIU");
         let opts = crate::runc::RestoreOpts {
             work_path,
             image_path: images,

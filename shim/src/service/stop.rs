@@ -50,7 +50,7 @@ impl Service {
     ) -> Result<()> {
         let started = std::time::Instant::now();
         let force = how.force;
-        match w.checkpoint(&c.id, c.runtime.as_ref()).await {
+        match w.checkpoint(&c.id, c.runtime.as_ref(), how.post_copy).await {
             Ok(ckpt) => {
                 tracing::info!(container_id = %c.id, checkpoint = %ckpt.dir().display(), engine = %ckpt.engine(), elapsed_ms = started.elapsed().as_millis() as u64, "checkpointed before stop");
                 if how.durable {
@@ -58,7 +58,8 @@ impl Service {
                 }
                 w.node.clear_mark(&w.identity);
                 if w.engine.kind() == EngineKind::Criu {
-                    // CRIU has already stopped the container's processes.
+                    // CRIU has already stopped the container's processes (post-copy: frozen,
+                    // they end once the destination has every page, or resume).
                     return Ok(());
                 }
                 // DMTCP ended the application; its init, the hook, exits after replying.
