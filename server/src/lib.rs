@@ -38,6 +38,7 @@ pub mod metrics;
 pub mod migration;
 pub mod node_client;
 pub mod openapi;
+pub mod pages;
 pub mod protocol;
 pub mod recovery;
 pub mod registry;
