@@ -10,6 +10,8 @@
 //! migrations/<id>/<key>.json   the container record of each container of migration <id>
 //!                              (origin: taken before the checkpoint; destination: received)
 //! migrations/<id>/<key>.created  destination only: we created this container, abort deletes it
+//! migrations/<id>/<key>.post-copy  origin only: a post-copy checkpoint of it was committed,
+//!                              so its processes are frozen (or were, until the shim aborted)
 //! incoming/<key>.json          destination only: {"migration": id}: the container and its
 //!                              task were created ahead of the checkpoint; the shim's create
 //!                              leaves what needs the checkpoint to the task's start. A
@@ -429,6 +431,12 @@ impl NodeAgent {
                 self.store.path_for(&identity).display()
             ),
         })?;
+        if post_copy {
+            // What tells a rollback that the processes were frozen, should the shim have
+            // resumed them already (and removed its socket).
+            let frozen = dir.join(format!("{key}.post-copy"));
+            fs::write(&frozen, b"").map_err(io_err(format!("write {}", frozen.display())))?;
+        }
         Ok(CheckpointSummary {
             container: id.to_string(),
             bytes: checkpoint.files().iter().map(|f| f.size).sum(),
@@ -860,15 +868,14 @@ impl NodeAgent {
     /// Origin side of a failed migration: every listed container runs again. A stopped one
     /// gets a new task, which our shim restores from the checkpoint still pending here.
     ///
-    /// Post-copy (`post_copy`, or a page socket left by the shim): the processes never
-    /// stopped, they are frozen; closing the page socket makes the shim resume them and drop
-    /// its checkpoint, which has no pages and is never restored from.
+    /// After a post-copy checkpoint (its `.post-copy` record, or a page socket the shim left)
+    /// the processes never stopped, they are frozen: closing the page socket makes the shim
+    /// resume them and drop its checkpoint, which has no pages and is never restored from.
     pub async fn rollback(
         &self,
         migration: &str,
         namespace: &str,
         containers: &[String],
-        post_copy: bool,
     ) -> Result<ActionReport, AgentError> {
         let migration = safe("migration id", migration)?;
         let ns = safe("namespace", namespace)?;
@@ -878,9 +885,12 @@ impl NodeAgent {
             let identity = Self::identity(&ns, &id)?;
             remove_if_exists(&self.mark_path(&identity.safe_key()));
             self.wait_checkpoint_written(&identity, &id).await?;
-            if (post_copy || self.pages_socket(&identity.safe_key()).exists())
-                && let Some(done) = self.resume_post_copy(&ns, &id, &identity).await?
-            {
+            let key = identity.safe_key();
+            let frozen = self
+                .migration_dir(&migration)
+                .join(format!("{key}.post-copy"));
+            if frozen.exists() || self.pages_socket(&key).exists() {
+                let done = self.resume_post_copy(&ns, &id, &identity).await?;
                 // Frozen, then running again: the downtime ends here as for a restored one.
                 report.done.push(done);
                 report.restored.push(id.to_string());
@@ -929,14 +939,13 @@ impl NodeAgent {
     /// socket closed at once) and waits, up to [`POST_COPY_RESUME_WAIT`], until the socket is
     /// gone. A task that runs then was resumed: what it says. One that stopped served its pages
     /// (the destination had them all), and its checkpoint, without pages, cannot bring it back
-    /// here: an error. `None`: the task stopped and nothing of a post-copy checkpoint is left,
-    /// so the usual rollback goes on.
+    /// here: an error.
     async fn resume_post_copy(
         &self,
         ns: &SafeName,
         id: &SafeName,
         identity: &WorkloadIdentity,
-    ) -> Result<Option<String>, AgentError> {
+    ) -> Result<String, AgentError> {
         let socket = self.pages_socket(&identity.safe_key());
         if socket.exists() {
             match tokio::net::UnixStream::connect(&socket).await {
@@ -981,7 +990,7 @@ impl NodeAgent {
             }
             // Never to be restored from: it has no pages.
             let dropped = self.store.remove(identity)?;
-            return Ok(Some(format!(
+            return Ok(format!(
                 "{id} resumed on {} (post-copy: its processes had only been frozen){}",
                 self.config.name,
                 if dropped {
@@ -989,17 +998,16 @@ impl NodeAgent {
                 } else {
                     ""
                 }
-            )));
+            ));
         }
-        if self.store.pending(identity)?.is_some() {
-            return Err(AgentError::Conflict(format!(
-                "container {id} stopped on node {} after serving its pages to the destination \
-                 (post-copy): its checkpoint here has no pages and cannot restore it; check \
-                 the destination node",
-                self.config.name
-            )));
-        }
-        Ok(None)
+        // Its processes exited: every page went to the destination. The checkpoint here (if
+        // any is left) has no pages: starting a task would restore from it, or start afresh.
+        Err(AgentError::Conflict(format!(
+            "container {id} stopped on node {} (task {status:?}) after a post-copy checkpoint: \
+             its memory was served to the destination, and its checkpoint here has no pages, so \
+             it is not restarted here; check the destination node",
+            self.config.name
+        )))
     }
 
     /// Origin side of a successful migration: deletes the stopped containers and their
@@ -1039,6 +1047,7 @@ impl NodeAgent {
             };
             self.store.remove(&identity)?;
             remove_if_exists(&self.mark_path(&identity.safe_key()));
+            remove_if_exists(&self.pages_socket(&identity.safe_key()));
             report
                 .done
                 .push(format!("{id} {removed} {}", self.config.name));

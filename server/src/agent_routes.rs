@@ -145,12 +145,7 @@ async fn rollback(State(s): State<AgentState>, body: Bytes) -> Result<impl IntoR
     let req: ContainersRequest = parse_json(&body, CONTAINERS)?;
     Ok(Json(
         s.agent
-            .rollback(
-                &req.migration,
-                &req.namespace,
-                &req.containers,
-                req.post_copy,
-            )
+            .rollback(&req.migration, &req.namespace, &req.containers)
             .await?,
     ))
 }
@@ -183,6 +178,21 @@ async fn pages(State(s): State<AgentState>, mut request: Request) -> Result<Resp
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             format!("POST /agent/v1/pages needs the header `Upgrade: {UPGRADE_PROTOCOL}`"),
+        )
+        .expected(PAGES));
+    }
+    let connection_upgrade = request
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    // Checked before the shim is connected to: a connection to it that closes makes it abort.
+    if !connection_upgrade || request.version() != axum::http::Version::HTTP_11 {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "POST /agent/v1/pages is an HTTP/1.1 upgrade: it needs `Connection: upgrade`",
         )
         .expected(PAGES));
     }

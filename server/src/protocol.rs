@@ -22,9 +22,10 @@ pub struct ContainersRequest {
     pub namespace: String,
     /// Container ids (unused by restore and abort, which act on what was received).
     pub containers: Vec<String>,
-    /// Post-copy (lazy) migration. Checkpoint: the shim commits a checkpoint without memory
-    /// pages, keeps the processes frozen and serves their pages on `pages/<key>.sock`.
-    /// Rollback: the frozen workload is resumed, never restored from that checkpoint.
+    /// Post-copy (lazy) migration, for the checkpoint: the shim commits a checkpoint without
+    /// memory pages, keeps the processes frozen and serves their pages on `pages/<key>.sock`.
+    /// (A rollback finds what such a checkpoint left and resumes the frozen processes, never
+    /// restores from that checkpoint.)
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub post_copy: bool,
     /// Restore of a post-copy migration: the origin agent's base URL, whose

@@ -1322,6 +1322,24 @@ async fn the_page_pipe_carries_bytes_both_ways_and_passes_half_closes_on() {
         .await
         .expect("send");
     assert_eq!(r.status().as_u16(), 401);
+    // Not an upgrade: refused before the shim is connected to (that would abort it).
+    let r = http
+        .post(format!("{url}/agent/v1/pages"))
+        .bearer_auth(TOKEN)
+        .header("upgrade", "mig-pages")
+        .json(&req)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 400);
+    let body: Value = r.json().await.expect("json");
+    assert!(
+        body["error"]
+            .as_str()
+            .expect("error")
+            .contains("Connection: upgrade"),
+        "{body}"
+    );
 
     // The origin shim's page server.
     let pages = dir.path().join("pages");
@@ -1360,4 +1378,26 @@ async fn the_page_pipe_carries_bytes_both_ways_and_passes_half_closes_on() {
         .expect("join")
         .expect("piped");
     assert_eq!((up, down), (12, 14));
+}
+
+#[tokio::test]
+async fn a_post_copy_origin_that_served_its_pages_is_not_restarted_from_its_pageless_checkpoint() {
+    let c = cluster().await;
+    // Every page reaches the destination, whose start runs the workload but answers an error.
+    c.dest.with(|s| s.restore_runs_but_fails = true);
+    let (status, body) = c.migrate(post_copy_to("node02")).await;
+    assert_eq!(status, 202, "{body}");
+    let m = c.wait_terminal(body["id"].as_str().expect("id")).await;
+    assert_eq!(m["phase"], "failed", "{m}");
+    let recovery = m["failure"]["recovery"].to_string();
+    assert!(
+        recovery.contains("ROLLBACK FAILED") && recovery.contains("no pages"),
+        "{recovery}"
+    );
+    let calls = c.origin.calls();
+    assert!(calls.contains(&"pages served".to_string()), "{calls:?}");
+    assert!(
+        !calls.iter().any(|call| call.starts_with("start")),
+        "restarted from a pageless checkpoint: {calls:?}"
+    );
 }
