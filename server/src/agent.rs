@@ -10,10 +10,20 @@
 //! migrations/<id>/<key>.json   the container record of each container of migration <id>
 //!                              (origin: taken before the checkpoint; destination: received)
 //! migrations/<id>/<key>.created  destination only: we created this container, abort deletes it
+//! migrations/<id>/<key>.post-copy  origin only: a post-copy checkpoint of it was committed,
+//!                              so its processes are frozen (or were, until the shim aborted)
 //! incoming/<key>.json          destination only: {"migration": id}: the container and its
 //!                              task were created ahead of the checkpoint; the shim's create
-//!                              leaves what needs the checkpoint to the task's start
+//!                              leaves what needs the checkpoint to the task's start. A
+//!                              post-copy restore adds "pages_socket": the socket the shim
+//!                              fetches its pages through (see crate::pages)
+//! pages/<key>.sock             post-copy: origin: the shim serves the frozen processes'
+//!                              pages there; destination: the agent's pipe to the origin
 //! ```
+//!
+//! A post-copy checkpoint (mark with "post_copy": true) has no memory pages: the processes
+//! stay frozen on the origin until the destination has fetched them all, and a rollback
+//! resumes them there (closing the page socket), never restores from that checkpoint.
 //!
 //! The per-migration records are what make abort and rollback possible after the agent
 //! restarts: they say which containers and checkpoints belong to the migration.
@@ -35,7 +45,8 @@ use crate::containerd::{
 };
 use crate::files::{remove_if_exists, write_private};
 use crate::migration::{Target, millis};
-use crate::protocol::{ActionReport, CheckpointSummary, ContainerState};
+use crate::pages::{PagesListener, PagesOrigin};
+use crate::protocol::{ActionReport, CheckpointSummary, ContainerState, PagesRequest};
 
 /// What a node agent operation failed on; the HTTP layer maps it to a status code.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +98,9 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> AgentError {
     let what = what.into();
     move |source| AgentError::Io { what, source }
 }
+
+/// How long a rollback waits for a post-copy checkpoint's shim to resume the frozen workload.
+const POST_COPY_RESUME_WAIT: Duration = Duration::from_secs(10);
 
 /// How often a restore looks whether the task it starts already runs (see
 /// [`NodeAgent::start_watching`]).
@@ -229,6 +243,7 @@ impl NodeAgent {
         migration: &str,
         namespace: &str,
         containers: &[String],
+        post_copy: bool,
     ) -> Result<Vec<CheckpointSummary>, AgentError> {
         let migration = safe("migration id", migration)?;
         let ns = safe("namespace", namespace)?;
@@ -237,7 +252,10 @@ impl NodeAgent {
         let mut summaries = Vec::new();
         for (i, id) in containers.iter().enumerate() {
             let id = safe("container id", id)?;
-            match self.checkpoint_one(&migration, &ns, &id, &dir).await {
+            match self
+                .checkpoint_one(&migration, &ns, &id, &dir, post_copy)
+                .await
+            {
                 Ok(summary) => {
                     self.set_progress(&migration, &id, CheckpointProgress::Committed);
                     summaries.push(summary);
@@ -360,6 +378,7 @@ impl NodeAgent {
         ns: &SafeName,
         id: &SafeName,
         dir: &Path,
+        post_copy: bool,
     ) -> Result<CheckpointSummary, AgentError> {
         let info = self.checkpointable(ns, id).await?;
         let status = self
@@ -377,11 +396,8 @@ impl NodeAgent {
         self.store.remove(&identity)?;
         write_json(&dir.join(format!("{key}.json")), &info)?;
         let mark = self.mark_path(&key);
-        write_json(
-            &mark,
-            // Not durable: the checkpoint is streamed away at once (see the shim's `Mark`).
-            &serde_json::json!({ "migration": migration.as_str(), "durable": false }),
-        )?;
+        // Not durable: the checkpoint is streamed away at once (see the shim's `Mark`).
+        write_json(&mark, &checkpoint_mark(migration, post_copy))?;
         info!(container_id = %id, migration = %migration, "checkpointing through the shim");
         self.set_progress(
             migration,
@@ -401,7 +417,8 @@ impl NodeAgent {
         }
         // The shim's kill returns once the checkpoint is committed, its processes ended (CRIU's
         // dump kills them; DMTCP's hook has exited): the checkpoint is what the downtime waits
-        // for, not containerd noting the exit a moment later (a rollback waits for that).
+        // for, not containerd noting the exit a moment later (a rollback waits for that). In
+        // post-copy the processes stay, frozen, until their pages are fetched.
         let mut pending = self.store.pending(&identity)?;
         if pending.is_none() {
             self.wait_stopped(ns, id).await?;
@@ -414,6 +431,12 @@ impl NodeAgent {
                 self.store.path_for(&identity).display()
             ),
         })?;
+        if post_copy {
+            // What tells a rollback that the processes were frozen, should the shim have
+            // resumed them already (and removed its socket).
+            let frozen = dir.join(format!("{key}.post-copy"));
+            fs::write(&frozen, b"").map_err(io_err(format!("write {}", frozen.display())))?;
+        }
         Ok(CheckpointSummary {
             container: id.to_string(),
             bytes: checkpoint.files().iter().map(|f| f.size).sum(),
@@ -426,6 +449,50 @@ impl NodeAgent {
             .state_dir
             .join("incoming")
             .join(format!("{key}.json"))
+    }
+
+    /// `pages/<key>.sock`: the socket of a post-copy migration's pages (origin: the shim's;
+    /// destination: the agent's, see [`crate::pages`]).
+    pub(crate) fn pages_socket(&self, key: &SafeName) -> PathBuf {
+        self.config
+            .state_dir
+            .join("pages")
+            .join(format!("{key}.sock"))
+    }
+
+    /// Origin side of `POST /agent/v1/pages`: connects to the page server of container `id`'s
+    /// shim, which a post-copy checkpoint of `migration` left. Only the shim's one client
+    /// connects: the destination agent, for the destination shim.
+    pub async fn open_pages(
+        &self,
+        migration: &str,
+        namespace: &str,
+        id: &str,
+    ) -> Result<tokio::net::UnixStream, AgentError> {
+        let migration = safe("migration id", migration)?;
+        let ns = safe("namespace", namespace)?;
+        let id = safe("container id", id)?;
+        let identity = Self::identity(&ns, &id)?;
+        // Only what a checkpoint of this migration on this node left.
+        self.saved_info(&migration, &identity)?;
+        let path = self.pages_socket(&identity.safe_key());
+        tokio::net::UnixStream::connect(&path)
+            .await
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound => AgentError::NotFound(format!(
+                    "no page server for {identity} on node {} ({} is absent): was it \
+                     checkpointed for post-copy, and are its pages not served already?",
+                    self.config.name,
+                    path.display()
+                )),
+                io::ErrorKind::ConnectionRefused => AgentError::Conflict(format!(
+                    "the page server of {identity} on node {} does not accept connections \
+                     ({}): its pages were fetched already, or it aborted",
+                    self.config.name,
+                    path.display()
+                )),
+                _ => io_err(format!("connect to {}", path.display()))(e),
+            })
     }
 
     fn mark_path(&self, key: &SafeName) -> PathBuf {
@@ -647,7 +714,15 @@ impl NodeAgent {
     /// `migration` with our runtime (the shim restores each from its pending checkpoint) and
     /// waits until all run. A task already running is left as it is: a controller that
     /// restarted asks again to complete a restore that its predecessor began.
-    pub async fn restore(&self, migration: &str) -> Result<ActionReport, AgentError> {
+    ///
+    /// With `pages` (post-copy), each shim fetches its memory pages from the origin while
+    /// its start runs, through a socket of this agent named in its incoming mark (see
+    /// [`crate::pages`]); the socket is removed when the restore ends.
+    pub async fn restore(
+        &self,
+        migration: &str,
+        pages: Option<&PagesOrigin>,
+    ) -> Result<ActionReport, AgentError> {
         let migration = safe("migration id", migration)?;
         let received = self.received(&migration)?;
         if received.is_empty() {
@@ -667,7 +742,12 @@ impl NodeAgent {
                 .task_status(ns.as_str(), id.as_str())
                 .await?;
             let running = if status != Some(TaskStatus::Running) {
-                info!(container_id = %id, migration = %migration, "starting restored container");
+                // Kept until the restore of this container ends (dropping it closes it).
+                let _pages = match pages {
+                    Some(origin) => Some(self.listen_pages(&migration, &ns, &id, origin)?),
+                    None => None,
+                };
+                info!(container_id = %id, migration = %migration, post_copy = pages.is_some(), "starting restored container");
                 self.start_watching(&ns, &id).await?
             } else {
                 None
@@ -686,6 +766,37 @@ impl NodeAgent {
         remove_dir_if_exists(&self.migration_dir(&migration));
         report.running_ms_before = all_running.map(|t| millis(t.elapsed()));
         Ok(report)
+    }
+
+    /// Post-copy, destination side: listens on `pages/<key>.sock` for the shim of `id` and
+    /// names it in the container's incoming mark.
+    fn listen_pages(
+        &self,
+        migration: &SafeName,
+        ns: &SafeName,
+        id: &SafeName,
+        origin: &PagesOrigin,
+    ) -> Result<PagesListener, AgentError> {
+        let key = Self::identity(ns, id)?.safe_key();
+        let dir = self.config.state_dir.join("pages");
+        private_dir(&dir)?;
+        let path = std::path::absolute(self.pages_socket(&key))
+            .map_err(io_err("resolve the page socket's path"))?;
+        let req = PagesRequest {
+            migration: migration.to_string(),
+            namespace: ns.to_string(),
+            id: id.to_string(),
+        };
+        let listener = PagesListener::bind(path.clone(), origin.clone(), req)
+            .map_err(io_err(format!("listen on {}", path.display())))?;
+        write_json(
+            &self.incoming_path(&key),
+            &serde_json::json!({
+                "migration": migration.as_str(),
+                "pages_socket": listener.path(),
+            }),
+        )?;
+        Ok(listener)
     }
 
     /// Starts a restored task; returns when the shim's start returned, and when the task was
@@ -742,6 +853,7 @@ impl NodeAgent {
             }
             let identity = WorkloadIdentity::container(ns, id)?;
             remove_if_exists(&self.incoming_path(&identity.safe_key()));
+            remove_if_exists(&self.pages_socket(&identity.safe_key()));
             if self.store.remove(&identity)? {
                 report.done.push(format!(
                     "removed received checkpoint of {id} on {}",
@@ -755,6 +867,10 @@ impl NodeAgent {
 
     /// Origin side of a failed migration: every listed container runs again. A stopped one
     /// gets a new task, which our shim restores from the checkpoint still pending here.
+    ///
+    /// After a post-copy checkpoint (its `.post-copy` record, or a page socket the shim left)
+    /// the processes never stopped, they are frozen: closing the page socket makes the shim
+    /// resume them and drop its checkpoint, which has no pages and is never restored from.
     pub async fn rollback(
         &self,
         migration: &str,
@@ -769,6 +885,17 @@ impl NodeAgent {
             let identity = Self::identity(&ns, &id)?;
             remove_if_exists(&self.mark_path(&identity.safe_key()));
             self.wait_checkpoint_written(&identity, &id).await?;
+            let key = identity.safe_key();
+            let frozen = self
+                .migration_dir(&migration)
+                .join(format!("{key}.post-copy"));
+            if frozen.exists() || self.pages_socket(&key).exists() {
+                let done = self.resume_post_copy(&ns, &id, &identity).await?;
+                // Frozen, then running again: the downtime ends here as for a restored one.
+                report.done.push(done);
+                report.restored.push(id.to_string());
+                continue;
+            }
             if self.store.pending(&identity)?.is_some() {
                 // Checkpointed, so its processes are gone: wait until containerd has noted
                 // the exit, lest a task still shown running be taken for one never stopped.
@@ -808,6 +935,81 @@ impl NodeAgent {
         Ok(report)
     }
 
+    /// Rollback of a post-copy checkpoint: asks the shim to abort (a connection to its page
+    /// socket closed at once) and waits, up to [`POST_COPY_RESUME_WAIT`], until the socket is
+    /// gone. A task that runs then was resumed: what it says. One that stopped served its pages
+    /// (the destination had them all), and its checkpoint, without pages, cannot bring it back
+    /// here: an error.
+    async fn resume_post_copy(
+        &self,
+        ns: &SafeName,
+        id: &SafeName,
+        identity: &WorkloadIdentity,
+    ) -> Result<String, AgentError> {
+        let socket = self.pages_socket(&identity.safe_key());
+        if socket.exists() {
+            match tokio::net::UnixStream::connect(&socket).await {
+                Ok(conn) => drop(conn),
+                // Refused: the shim is gone or already serves (the destination's pipe, which
+                // the destination's abort closes).
+                Err(e) => {
+                    warn!(container_id = %id, error = %e, "cannot connect to the page socket to abort the post-copy")
+                }
+            }
+        }
+        let deadline = Instant::now() + POST_COPY_RESUME_WAIT;
+        loop {
+            let status = self
+                .containerd
+                .task_status(ns.as_str(), id.as_str())
+                .await?;
+            let socket_gone = !socket.exists();
+            let pending = self.store.pending(identity)?.is_some();
+            let resumed = status == Some(TaskStatus::Running) && !pending;
+            if socket_gone && (resumed || status != Some(TaskStatus::Running)) {
+                break;
+            }
+            if Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let status = self
+            .containerd
+            .task_status(ns.as_str(), id.as_str())
+            .await?;
+        if status == Some(TaskStatus::Running) {
+            if socket.exists() {
+                return Err(AgentError::Timeout(format!(
+                    "container {id} on node {} is still frozen {:?} after its post-copy page \
+                     server was told to abort ({} is still there); expected the shim to resume it",
+                    self.config.name,
+                    POST_COPY_RESUME_WAIT,
+                    socket.display()
+                )));
+            }
+            // Never to be restored from: it has no pages.
+            let dropped = self.store.remove(identity)?;
+            return Ok(format!(
+                "{id} resumed on {} (post-copy: its processes had only been frozen){}",
+                self.config.name,
+                if dropped {
+                    "; its pageless checkpoint was removed"
+                } else {
+                    ""
+                }
+            ));
+        }
+        // Its processes exited: every page went to the destination. The checkpoint here (if
+        // any is left) has no pages: starting a task would restore from it, or start afresh.
+        Err(AgentError::Conflict(format!(
+            "container {id} stopped on node {} (task {status:?}) after a post-copy checkpoint: \
+             its memory was served to the destination, and its checkpoint here has no pages, so \
+             it is not restarted here; check the destination node",
+            self.config.name
+        )))
+    }
+
     /// Origin side of a successful migration: deletes the stopped containers and their
     /// checkpoints, so nothing restores them here again.
     pub async fn finish(
@@ -845,6 +1047,7 @@ impl NodeAgent {
             };
             self.store.remove(&identity)?;
             remove_if_exists(&self.mark_path(&identity.safe_key()));
+            remove_if_exists(&self.pages_socket(&identity.safe_key()));
             report
                 .done
                 .push(format!("{id} {removed} {}", self.config.name));
@@ -936,6 +1139,16 @@ impl NodeAgent {
     }
 }
 
+/// The mark that asks the shim for a checkpoint on the next kill; `post_copy`: one without
+/// memory pages, the processes frozen and their pages served on `pages/<key>.sock`.
+pub fn checkpoint_mark(migration: &SafeName, post_copy: bool) -> serde_json::Value {
+    let mut mark = serde_json::json!({ "migration": migration.as_str(), "durable": false });
+    if post_copy {
+        mark["post_copy"] = serde_json::Value::Bool(true);
+    }
+    mark
+}
+
 /// Removes temporary checkpoint directories whose writer process is gone (an agent killed
 /// mid-receive), so partial data does not wait an hour for [`Store::remove_stale`]. The store
 /// names them `.tmp-<key>-<pid>-<nanos>-<n>`; a live pid (the shim writing a checkpoint right
@@ -990,5 +1203,23 @@ fn remove_dir_if_exists(path: &Path) {
         && e.kind() != io::ErrorKind::NotFound
     {
         warn!(path = %path.display(), error = %e, "cannot remove");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mark_asks_for_post_copy_only_when_told() {
+        let migration = SafeName::new("m-1").expect("name");
+        assert_eq!(
+            checkpoint_mark(&migration, false),
+            serde_json::json!({"migration": "m-1", "durable": false})
+        );
+        assert_eq!(
+            checkpoint_mark(&migration, true),
+            serde_json::json!({"migration": "m-1", "durable": false, "post_copy": true})
+        );
     }
 }

@@ -39,6 +39,10 @@ pub struct MigrateArgs {
     /// Destination node.
     #[arg(long)]
     to: String,
+    /// Post-copy (lazy) migration: the workload runs on the destination at once and fetches
+    /// its memory pages from the frozen origin (not in Kubernetes mode yet).
+    #[arg(long)]
+    post_copy: bool,
     /// Return once accepted instead of following the migration.
     #[arg(long)]
     no_wait: bool,
@@ -84,6 +88,7 @@ pub async fn migrate(args: MigrateArgs, token: &Token, ca: Option<&Path>) -> Res
     let body = serde_json::json!({
         "deployment": args.deployment, "pod": args.pod, "container": args.container,
         "namespace": args.namespace, "originNode": args.from, "destNode": args.to,
+        "postCopy": args.post_copy.then_some(true),
     });
     let body: serde_json::Value = body
         .as_object()
@@ -215,6 +220,9 @@ fn print_record(m: &Migration) {
         if let Some(d) = t.duration_ms {
             println!("  {:<14} {d} ms", t.phase.as_str());
         }
+    }
+    if m.post_copy {
+        println!("  post-copy      pages fetched from the origin after the restore");
     }
     if let Some(d) = m.downtime_ms {
         println!("  downtime       {d} ms");

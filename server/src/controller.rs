@@ -42,6 +42,11 @@ pub struct MigrateRequest {
     pub origin_node: String,
     /// Node to go to.
     pub dest_node: String,
+    /// Post-copy (lazy) migration: the origin checkpoints everything but the memory pages,
+    /// the destination runs the workload at once and fetches the pages from the frozen
+    /// origin as it touches them.
+    #[serde(default)]
+    pub post_copy: bool,
 }
 
 /// Why a request was refused; the API maps each to a status.
@@ -300,6 +305,12 @@ impl Controller {
         req: MigrateRequest,
     ) -> Result<Migration, ControllerError> {
         if let (Some(kube), Some(_)) = (&self.kube, &req.deployment) {
+            if req.post_copy {
+                return Err(bad(
+                    "postCopy is not supported in Kubernetes mode yet",
+                    "no \"postCopy\" (or false) for a deployment in Kubernetes mode; a pod or container is migrated through the node agents and may use it",
+                ));
+            }
             return self.start_kube(kube.clone(), req).await;
         }
         let (namespace, target) = self.validate(&req)?;
@@ -339,6 +350,7 @@ impl Controller {
             dest.name.clone(),
         );
         record.containers = containers;
+        record.post_copy = req.post_copy;
         self.accept(&key, &record)?;
         info!(migration = %id, origin = %origin.name, dest = %dest.name, "migration accepted");
         let this = Arc::clone(self);
@@ -458,6 +470,8 @@ impl Controller {
             migration: id.to_string(),
             namespace: record.namespace.clone(),
             containers: record.containers.clone(),
+            post_copy: record.post_copy,
+            pages_from: None,
         };
         let outcome = self
             .within_timeout(id, self.run(id, origin, dest, &req))
@@ -588,9 +602,14 @@ impl Controller {
         });
         self.advance(id, Phase::Restoring);
         self.persist_before(id, "the restore")?;
+        // Post-copy: the destination fetches the pages from the origin's agent.
+        let restore_req = ContainersRequest {
+            pages_from: req.post_copy.then(|| origin.address.clone()),
+            ..req.clone()
+        };
         let restored = self
             .nodes_api
-            .restore(dest, req)
+            .restore(dest, &restore_req)
             .await
             .map_err(|e| e.to_string())?;
         if let Some(ms) = restored.running_ms_before {

@@ -20,6 +20,10 @@
 //! on failure: abort on the destination, rollback on the origin (restart from its checkpoint)
 //! ```
 //!
+//! A post-copy migration ([`pages`]) checkpoints all but the memory pages; the destination's
+//! shim fetches them from the frozen origin through both agents while its start runs, and a
+//! rollback resumes the frozen origin.
+//!
 //! With a state dir the controller journals every migration ([`journal`]); one it finds
 //! unfinished when it starts is resolved ([`recovery`]): finished when the destination runs
 //! the workload, else rolled back to the origin.
@@ -38,6 +42,7 @@ pub mod metrics;
 pub mod migration;
 pub mod node_client;
 pub mod openapi;
+pub mod pages;
 pub mod protocol;
 pub mod recovery;
 pub mod registry;

@@ -182,6 +182,10 @@ pub struct Migration {
     /// finishes the migration. (Records of earlier versions set it while `restoring`.)
     #[serde(default)]
     pub destination_running: bool,
+    /// Post-copy: the workload ran on the destination while its memory pages were fetched from
+    /// the frozen origin (see [`crate::pages`]).
+    #[serde(default)]
+    pub post_copy: bool,
     /// Kubernetes mode: the Deployment, its old and new pods, the steps taken.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes: Option<crate::kube::KubeReport>,
@@ -235,6 +239,7 @@ impl Migration {
             containers: Vec::new(),
             created_unix_ms,
             checkpoint_bytes: 0,
+            post_copy: false,
             bytes_transferred: 0,
             bytes_sent_while_checkpointing: 0,
             timings: vec![PhaseTiming {

@@ -39,7 +39,8 @@ pub fn document() -> Value {
                     "properties": {
                         "deployment": {"type": "string"}, "pod": {"type": "string"},
                         "container": {"type": "string"}, "namespace": {"type": "string"},
-                        "originNode": {"type": "string"}, "destNode": {"type": "string"}}},
+                        "originNode": {"type": "string"}, "destNode": {"type": "string"},
+                        "postCopy": {"type": "boolean", "default": false, "description": "post-copy (lazy) migration: the origin checkpoints all but the memory pages and stays frozen; the destination runs the workload at once and fetches the pages from the origin; a failure resumes it on the origin. Not supported in Kubernetes mode yet (400)"}}},
                 "Migration": {"type": "object", "properties": {
                     "id": {"type": "string"},
                     "target": {"type": "object", "properties": {"kind": {"enum": ["deployment", "pod", "container"]}, "name": {"type": "string"}}},
@@ -56,6 +57,7 @@ pub fn document() -> Value {
                         "recovery": {"type": "array", "items": {"type": "string"}}}},
                     "warnings": {"type": "array", "items": {"type": "string"}},
                     "destinationRunning": {"type": "boolean", "description": "the destination reported the workload running"},
+                    "postCopy": {"type": "boolean", "description": "a post-copy migration"},
                     "kubernetes": kubernetes_report}},
                 "Node": {"type": "object", "properties": {
                     "name": {"type": "string"}, "address": {"type": "string"}, "registered_unix": {"type": "integer"}}}
@@ -81,7 +83,7 @@ pub fn document() -> Value {
                 "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/MigrateRequest"}}}},
                 "responses": {
                     "202": {"description": "accepted; Location: /migrations/{id}", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Migration"}}}},
-                    "400": err("invalid body, name or origin == dest"),
+                    "400": err("invalid body, name or origin == dest, or postCopy in Kubernetes mode"),
                     "401": err("missing or wrong token"),
                     "404": err("unknown node or workload"),
                     "409": err("the workload is already migrating, or its migration is being resolved after a controller restart"),

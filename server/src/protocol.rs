@@ -22,6 +22,28 @@ pub struct ContainersRequest {
     pub namespace: String,
     /// Container ids (unused by restore and abort, which act on what was received).
     pub containers: Vec<String>,
+    /// Post-copy (lazy) migration, for the checkpoint: the shim commits a checkpoint without
+    /// memory pages, keeps the processes frozen and serves their pages on `pages/<key>.sock`.
+    /// (A rollback finds what such a checkpoint left and resumes the frozen processes, never
+    /// restores from that checkpoint.)
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub post_copy: bool,
+    /// Restore of a post-copy migration: the origin agent's base URL, whose
+    /// `POST /agent/v1/pages` the destination pipes each shim's page requests to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pages_from: Option<String>,
+}
+
+/// `POST /agent/v1/pages` (origin): upgrade the connection to a byte pipe to the shim's page
+/// server of one container of a post-copy migration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PagesRequest {
+    /// The migration.
+    pub migration: String,
+    /// containerd namespace.
+    pub namespace: String,
+    /// Container id.
+    pub id: String,
 }
 
 /// `POST /agent/v1/prepare`: create, on the destination, the containers of a migration ahead
@@ -108,4 +130,26 @@ pub struct ErrorBody {
     /// What would have been accepted, when that helps.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expected: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn containers_requests_of_earlier_versions_still_parse_and_are_written_as_before() {
+        let old = r#"{"migration":"m","namespace":"default","containers":["c"]}"#;
+        let req: ContainersRequest = serde_json::from_str(old).expect("parse");
+        assert!(!req.post_copy);
+        assert_eq!(req.pages_from, None);
+        assert_eq!(serde_json::to_string(&req).expect("json"), old);
+        let req = ContainersRequest {
+            post_copy: true,
+            pages_from: Some("https://node01:7070".into()),
+            ..req
+        };
+        let json = serde_json::to_value(&req).expect("json");
+        assert_eq!(json["post_copy"], true);
+        assert_eq!(json["pages_from"], "https://node01:7070");
+    }
 }

@@ -137,6 +137,8 @@ impl Controller {
             migration: id.to_string(),
             namespace: record.namespace.clone(),
             containers: record.containers.clone(),
+            post_copy: record.post_copy,
+            pages_from: None,
         };
         let destination = match (&dest, record.phase) {
             _ if record.destination_running => Destination::Runs,

@@ -41,22 +41,26 @@ struct FakeState {
     /// Deleting a container fails.
     fail_delete_container: bool,
     payload_len: usize,
+    /// The marks the shim was asked to checkpoint with, as it read them.
+    marks: Vec<Value>,
+    /// Post-copy, destination: the start fails before fetching any page.
+    fail_before_pages: bool,
 }
 
 /// containerd plus our shim's checkpoint-on-kill / restore-on-start, in memory.
 struct FakeContainerd {
     state_dir: PathBuf,
-    inner: Mutex<FakeState>,
+    inner: Arc<Mutex<FakeState>>,
 }
 
 impl FakeContainerd {
     fn new(state_dir: &Path) -> Arc<Self> {
         Arc::new(Self {
             state_dir: state_dir.to_path_buf(),
-            inner: Mutex::new(FakeState {
+            inner: Arc::new(Mutex::new(FakeState {
                 payload_len: 64 * 1024,
                 ..Default::default()
-            }),
+            })),
         })
     }
 
@@ -89,6 +93,95 @@ impl FakeContainerd {
 
     fn store(&self) -> Store {
         Store::open(self.state_dir.join("checkpoints")).expect("store")
+    }
+
+    /// The shim's post-copy checkpoint: one without pages, the task left running (frozen),
+    /// its pages served on `pages/<key>.sock` to one client. The fake protocol: the client
+    /// sends `WANT`, gets `PAGES`, sends `DONE` and closes its writes; then the processes exit.
+    /// A client that closes before `DONE` makes the shim abort: the workload resumes, the
+    /// checkpoint is removed.
+    async fn checkpoint_post_copy(&self, id: &str, identity: &WorkloadIdentity, mark: &Path) {
+        let writer = self.store().begin(identity).expect("begin");
+        let images = writer.images_dir().expect("images");
+        std::fs::write(images.join("core-1.img"), b"registers, no pages").expect("write");
+        writer
+            .commit(EngineInfo::new("criu", "4.2.1"), "busybox")
+            .expect("commit");
+        std::fs::remove_file(mark).expect("consume mark");
+        let dir = self.state_dir.join("pages");
+        std::fs::create_dir_all(&dir).expect("pages dir");
+        let socket = dir.join(format!("{}.sock", identity.safe_key()));
+        let listener = tokio::net::UnixListener::bind(&socket).expect("bind");
+        let store = self.store();
+        let identity = identity.clone();
+        let id = id.to_string();
+        let this = self.inner.clone();
+        tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.expect("accept");
+            drop(listener);
+            let mut want = [0u8; 4];
+            let mut served = false;
+            if conn.read_exact(&mut want).await.is_ok() && &want == b"WANT" {
+                conn.write_all(b"PAGES").await.expect("serve");
+                let mut rest = Vec::new();
+                let _ = conn.read_to_end(&mut rest).await;
+                served = rest == b"DONE";
+            }
+            std::fs::remove_file(&socket).expect("remove socket");
+            let mut s = this.lock().expect("lock");
+            if served {
+                s.calls.push("pages served".into());
+                if let Some(c) = s.containers.get_mut(&id) {
+                    c.1 = Some(TaskStatus::Stopped);
+                }
+            } else {
+                s.calls.push("pages aborted".into());
+                store.remove(&identity).expect("remove pageless checkpoint");
+            }
+        });
+    }
+
+    /// The destination shim's start in post-copy: fetches the pages through the socket its
+    /// incoming mark names.
+    async fn fetch_pages(&self, identity: &WorkloadIdentity) -> Result<(), ContainerdError> {
+        let incoming = self
+            .state_dir
+            .join("incoming")
+            .join(format!("{}.json", identity.safe_key()));
+        let Ok(bytes) = std::fs::read(&incoming) else {
+            return Ok(());
+        };
+        let mark: Value = serde_json::from_slice(&bytes).expect("incoming mark");
+        let Some(socket) = mark["pages_socket"].as_str() else {
+            return Ok(());
+        };
+        assert!(Path::new(socket).is_absolute(), "{socket}");
+        let failed = |message: &str| ContainerdError::Command {
+            command: "start".into(),
+            message: message.into(),
+        };
+        if self.with(|s| s.fail_before_pages) {
+            return Err(failed("lazy restore failed before its first page"));
+        }
+        let mut conn = tokio::net::UnixStream::connect(socket)
+            .await
+            .map_err(|e| failed(&format!("connect {socket}: {e}")))?;
+        conn.write_all(b"WANT").await.expect("want");
+        let mut pages = [0u8; 5];
+        conn.read_exact(&mut pages)
+            .await
+            .map_err(|e| failed(&format!("no pages: {e}")))?;
+        assert_eq!(&pages, b"PAGES");
+        if self.with(|s| s.fail_restore) {
+            // Closed without DONE: the origin aborts.
+            return Err(failed("criu lazy restore failed"));
+        }
+        conn.write_all(b"DONE").await.expect("done");
+        conn.shutdown().await.expect("shutdown");
+        let mut rest = Vec::new();
+        conn.read_to_end(&mut rest).await.expect("origin closes");
+        self.with(|s| s.calls.push("pages fetched".into()));
+        Ok(())
     }
 
     fn not_found(id: &str) -> ContainerdError {
@@ -154,6 +247,13 @@ impl Containerd for FakeContainerd {
             .join("marks")
             .join(format!("{}.json", identity.key()));
         if mark.exists() {
+            let parsed: Value =
+                serde_json::from_slice(&std::fs::read(&mark).expect("read mark")).expect("mark");
+            self.with(|s| s.marks.push(parsed.clone()));
+            if parsed["post_copy"] == true {
+                self.checkpoint_post_copy(id, &identity, &mark).await;
+                return Ok(());
+            }
             if self.with(|s| s.fail_checkpoint) {
                 return Err(ContainerdError::Command {
                     command: "kill".into(),
@@ -219,6 +319,7 @@ impl Containerd for FakeContainerd {
         if self.status(id).is_none() {
             return Err(Self::not_found(id));
         }
+        self.fetch_pages(&identity).await?;
         if let Some(checkpoint) = self.store().pending(&identity).expect("pending") {
             if fail {
                 return Err(ContainerdError::Command {
@@ -482,6 +583,11 @@ async fn migrates_and_cleans_up(c: Cluster) {
     assert_eq!(phases_timed(&m), SUCCESS_PHASES);
     assert_eq!(c.dest.status("counter"), Some(Some(TaskStatus::Running)));
     assert_eq!(c.origin.status("counter"), None, "still on the origin");
+    assert_eq!(m["postCopy"], false, "{m}");
+    let marks = c.origin.with(|s| s.marks.clone());
+    assert_eq!(marks.len(), 1, "{marks:?}");
+    assert!(marks[0].get("post_copy").is_none(), "{marks:?}");
+    assert_eq!(marks[0]["durable"], false, "{marks:?}");
     assert!(
         c.dest
             .calls()
@@ -1053,4 +1159,245 @@ async fn a_rollback_waits_for_a_checkpoint_the_shim_is_still_writing() {
     assert!(c.origin.calls().contains(&"start counter".to_string()));
     assert_eq!(c.origin.status("counter"), Some(Some(TaskStatus::Running)));
     assert!(dir_is_empty(&c.origin.state_dir.join("checkpoints")));
+}
+
+fn post_copy_to(dest: &str) -> Value {
+    json!({"deployment": "counter", "originNode": "node01", "destNode": dest, "postCopy": true})
+}
+
+fn pages_dir_is_empty(fake: &FakeContainerd) -> bool {
+    dir_is_empty(&fake.state_dir.join("pages"))
+}
+
+#[tokio::test]
+async fn post_copy_migration_fetches_the_pages_from_the_frozen_origin() {
+    let c = cluster().await;
+    let (status, body) = c.migrate(post_copy_to("node02")).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["postCopy"], true, "{body}");
+    let m = c.wait_terminal(body["id"].as_str().expect("id")).await;
+    assert_eq!(m["phase"], "done", "{m}");
+    assert_eq!(m["postCopy"], true, "{m}");
+    // The checkpoint was asked for without pages, and the pages went through both agents.
+    let marks = c.origin.with(|s| s.marks.clone());
+    assert_eq!(marks.len(), 1, "{marks:?}");
+    assert_eq!(marks[0]["post_copy"], true, "{marks:?}");
+    assert_eq!(marks[0]["migration"], m["id"], "{marks:?}");
+    assert!(c.origin.calls().contains(&"pages served".to_string()));
+    assert!(c.dest.calls().contains(&"pages fetched".to_string()));
+    assert_eq!(c.dest.status("counter"), Some(Some(TaskStatus::Running)));
+    assert_eq!(c.origin.status("counter"), None, "still on the origin");
+    for fake in [&c.origin, &c.dest] {
+        assert!(pages_dir_is_empty(fake), "a page socket is left");
+        assert!(dir_is_empty(&fake.state_dir.join("checkpoints")));
+        assert!(dir_is_empty(&fake.state_dir.join("migrations")));
+        assert!(dir_is_empty(&fake.state_dir.join("incoming")));
+    }
+}
+
+/// A post-copy rollback resumes the frozen workload and never restores it from the pageless
+/// checkpoint.
+fn assert_resumed_on_origin(c: &Cluster, m: &Value) {
+    assert_eq!(m["phase"], "rolled_back", "{m}");
+    assert_eq!(m["failure"]["phase"], "restoring", "{m}");
+    let recovery = m["failure"]["recovery"].to_string();
+    assert!(recovery.contains("counter resumed on node01"), "{recovery}");
+    assert!(!recovery.contains("from its own checkpoint"), "{recovery}");
+    assert!(m["downtimeMs"].is_u64(), "{m}");
+    assert_eq!(c.origin.status("counter"), Some(Some(TaskStatus::Running)));
+    let calls = c.origin.calls();
+    assert!(calls.contains(&"pages aborted".to_string()), "{calls:?}");
+    assert!(
+        !calls
+            .iter()
+            .any(|call| call.starts_with("start") || call.starts_with("delete-task")),
+        "the origin was restarted: {calls:?}"
+    );
+    assert!(dir_is_empty(&c.origin.state_dir.join("checkpoints")));
+    assert!(pages_dir_is_empty(&c.origin));
+    assert!(pages_dir_is_empty(&c.dest));
+    assert_eq!(c.dest.status("counter"), None, "left on the destination");
+}
+
+#[tokio::test]
+async fn a_post_copy_restore_failing_mid_pages_resumes_the_workload_on_the_origin() {
+    let c = cluster().await;
+    // The destination shim fetches a page, then fails: its connection closes, the origin shim
+    // aborts on its own.
+    c.dest.with(|s| s.fail_restore = true);
+    let (status, body) = c.migrate(post_copy_to("node02")).await;
+    assert_eq!(status, 202, "{body}");
+    let m = c.wait_terminal(body["id"].as_str().expect("id")).await;
+    assert_resumed_on_origin(&c, &m);
+}
+
+#[tokio::test]
+async fn a_post_copy_rollback_closes_the_page_socket_so_the_shim_resumes() {
+    let c = cluster().await;
+    // The destination fails before connecting: the origin's page server still waits, until
+    // the rollback connects and closes.
+    c.dest.with(|s| s.fail_before_pages = true);
+    let (status, body) = c.migrate(post_copy_to("node02")).await;
+    assert_eq!(status, 202, "{body}");
+    let m = c.wait_terminal(body["id"].as_str().expect("id")).await;
+    assert_resumed_on_origin(&c, &m);
+    assert!(
+        m["failure"]["reason"]
+            .to_string()
+            .contains("before its first page"),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn post_copy_must_be_a_boolean() {
+    let c = cluster().await;
+    let (status, body) = c
+        .migrate(json!({"deployment": "counter", "originNode": "node01", "destNode": "node02", "postCopy": "yes"}))
+        .await;
+    assert_eq!(status, 400, "{body}");
+}
+
+/// The page pipe alone: a unix socket plays the origin shim, the origin agent's real router
+/// serves `POST /agent/v1/pages` on loopback, and the destination side's pipe is fed by one
+/// end of a socket pair whose other end plays the destination shim.
+#[tokio::test]
+async fn the_page_pipe_carries_bytes_both_ways_and_passes_half_closes_on() {
+    use mig_server::pages::{PagesOrigin, pipe_to_origin};
+    use mig_server::protocol::PagesRequest;
+
+    let http = reqwest::Client::new();
+    let (url, _fake, dir) = agent("node01", &http).await;
+    let identity = WorkloadIdentity::container(NS, "counter").expect("identity");
+    let key = identity.safe_key();
+    let req = PagesRequest {
+        migration: "m-1".into(),
+        namespace: NS.into(),
+        id: "counter".into(),
+    };
+    let origin = PagesOrigin {
+        http: http.clone(),
+        token: token(),
+        url: url.clone(),
+    };
+
+    // No record of the migration on the origin: refused, and the shim's end is closed.
+    let (shim_end, mut dest_shim) = tokio::net::UnixStream::pair().expect("pair");
+    let err = pipe_to_origin(shim_end, &origin, &req)
+        .await
+        .expect_err("no record");
+    assert!(err.contains("404") && err.contains("no record"), "{err}");
+    let mut rest = Vec::new();
+    assert_eq!(dest_shim.read_to_end(&mut rest).await.expect("eof"), 0);
+
+    // A record but no page server: 404 naming the socket.
+    let records = dir.path().join("migrations").join("m-1");
+    std::fs::create_dir_all(&records).expect("records");
+    let info = ContainerInfo {
+        namespace: NS.into(),
+        id: "counter".into(),
+        image: "busybox".into(),
+        runtime: RUNTIME.into(),
+        labels: Default::default(),
+        spec: json!({}),
+    };
+    std::fs::write(
+        records.join(format!("{key}.json")),
+        serde_json::to_vec(&info).expect("json"),
+    )
+    .expect("record");
+    let (shim_end, _dest_shim) = tokio::net::UnixStream::pair().expect("pair");
+    let err = pipe_to_origin(shim_end, &origin, &req)
+        .await
+        .expect_err("no socket");
+    assert!(err.contains("404") && err.contains(".sock"), "{err}");
+
+    // Without the token: 401, as every agent route.
+    let r = http
+        .post(format!("{url}/agent/v1/pages"))
+        .header("connection", "upgrade")
+        .header("upgrade", "mig-pages")
+        .json(&req)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 401);
+    // Not an upgrade: refused before the shim is connected to (that would abort it).
+    let r = http
+        .post(format!("{url}/agent/v1/pages"))
+        .bearer_auth(TOKEN)
+        .header("upgrade", "mig-pages")
+        .json(&req)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 400);
+    let body: Value = r.json().await.expect("json");
+    assert!(
+        body["error"]
+            .as_str()
+            .expect("error")
+            .contains("Connection: upgrade"),
+        "{body}"
+    );
+
+    // The origin shim's page server.
+    let pages = dir.path().join("pages");
+    std::fs::create_dir_all(&pages).expect("pages");
+    let listener = tokio::net::UnixListener::bind(pages.join(format!("{key}.sock"))).expect("bind");
+    let (shim_end, mut dest_shim) = tokio::net::UnixStream::pair().expect("pair");
+    let piping = tokio::spawn(async move { pipe_to_origin(shim_end, &origin, &req).await });
+    let (mut origin_shim, _) = listener.accept().await.expect("accept");
+
+    dest_shim.write_all(b"fault 0x7f00").await.expect("write");
+    let mut got = [0u8; 12];
+    origin_shim.read_exact(&mut got).await.expect("read");
+    assert_eq!(&got, b"fault 0x7f00");
+    origin_shim.write_all(b"page bytes").await.expect("write");
+    let mut got = [0u8; 10];
+    dest_shim.read_exact(&mut got).await.expect("read");
+    assert_eq!(&got, b"page bytes");
+
+    // The destination shim ends its writes: the origin shim reads the end, and can still
+    // answer (a half-close, not a close).
+    dest_shim.shutdown().await.expect("shutdown");
+    let mut rest = Vec::new();
+    origin_shim.read_to_end(&mut rest).await.expect("eof");
+    assert!(rest.is_empty(), "{rest:?}");
+    origin_shim
+        .write_all(b"last")
+        .await
+        .expect("write after half-close");
+    drop(origin_shim);
+    let mut rest = Vec::new();
+    dest_shim.read_to_end(&mut rest).await.expect("eof");
+    assert_eq!(rest, b"last");
+    let (up, down) = tokio::time::timeout(Duration::from_secs(10), piping)
+        .await
+        .expect("the pipe ends with both sides")
+        .expect("join")
+        .expect("piped");
+    assert_eq!((up, down), (12, 14));
+}
+
+#[tokio::test]
+async fn a_post_copy_origin_that_served_its_pages_is_not_restarted_from_its_pageless_checkpoint() {
+    let c = cluster().await;
+    // Every page reaches the destination, whose start runs the workload but answers an error.
+    c.dest.with(|s| s.restore_runs_but_fails = true);
+    let (status, body) = c.migrate(post_copy_to("node02")).await;
+    assert_eq!(status, 202, "{body}");
+    let m = c.wait_terminal(body["id"].as_str().expect("id")).await;
+    assert_eq!(m["phase"], "failed", "{m}");
+    let recovery = m["failure"]["recovery"].to_string();
+    assert!(
+        recovery.contains("ROLLBACK FAILED") && recovery.contains("no pages"),
+        "{recovery}"
+    );
+    let calls = c.origin.calls();
+    assert!(calls.contains(&"pages served".to_string()), "{calls:?}");
+    assert!(
+        !calls.iter().any(|call| call.starts_with("start")),
+        "restarted from a pageless checkpoint: {calls:?}"
+    );
 }

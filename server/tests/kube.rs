@@ -947,3 +947,19 @@ async fn a_restart_during_a_rollback_finishes_the_rollback() {
     assert!(!has_checkpoint(&s.dest));
     assert!(has_checkpoint(&s.origin));
 }
+
+#[tokio::test]
+async fn post_copy_is_refused_in_kubernetes_mode() {
+    // Refused before anything is asked of the API server or the nodes.
+    let c = controller("http://127.0.0.1:9", None, Duration::from_secs(5));
+    let req = MigrateRequest {
+        post_copy: true,
+        ..request("mosquitto")
+    };
+    match Arc::new(c).start(req).await {
+        Err(ControllerError::BadRequest { message, .. }) => {
+            assert_eq!(message, "postCopy is not supported in Kubernetes mode yet")
+        }
+        other => panic!("expected 400, got {other:?}"),
+    }
+}

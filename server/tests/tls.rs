@@ -683,3 +683,58 @@ async fn a_checkpoint_streams_from_agent_to_agent_over_https() {
     assert_eq!(status, reqwest::StatusCode::BAD_GATEWAY, "{body}");
     assert!(body.contains("UnknownIssuer"), "{body}");
 }
+
+#[tokio::test]
+async fn post_copy_pages_are_piped_from_agent_to_agent_over_https() {
+    use mig_server::auth::Token;
+    use mig_server::pages::{PagesOrigin, pipe_to_origin};
+    use mig_server::protocol::PagesRequest;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let pki = pki();
+    let controller = controller(&pki).await;
+    let origin_state = pki.dir.path().join("node01");
+    let identity = checkpoint_on(&origin_state, "m1", "counter", b"no pages");
+    let (origin, _) = node(&pki, "node01", &controller, Some(&pki.ca)).await;
+    // The origin shim's page server.
+    let pages = origin_state.join("pages");
+    std::fs::create_dir_all(&pages).expect("pages dir");
+    let listener =
+        tokio::net::UnixListener::bind(pages.join(format!("{}.sock", identity.safe_key())))
+            .expect("bind");
+    let from = PagesOrigin {
+        http: client_builder(Some(&pki.ca))
+            .expect("client")
+            .build()
+            .expect("client"),
+        token: Token::new(TOKEN, "test").expect("token"),
+        url: origin.https(),
+    };
+    let req = PagesRequest {
+        migration: "m1".into(),
+        namespace: NS.into(),
+        id: "counter".into(),
+    };
+    let (shim_end, mut dest_shim) = tokio::net::UnixStream::pair().expect("pair");
+    let piping = tokio::spawn(async move { pipe_to_origin(shim_end, &from, &req).await });
+    let (mut origin_shim, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+        .await
+        .unwrap_or_else(|_| panic!("the origin agent did not connect:\n{}", origin.log()))
+        .expect("accept");
+    dest_shim.write_all(b"fault").await.expect("write");
+    let mut got = [0u8; 5];
+    origin_shim.read_exact(&mut got).await.expect("read");
+    assert_eq!(&got, b"fault");
+    let page = vec![7u8; 256 * 1024];
+    origin_shim.write_all(&page).await.expect("write");
+    drop(origin_shim);
+    let mut got = Vec::new();
+    dest_shim.read_to_end(&mut got).await.expect("read");
+    assert_eq!(got, page);
+    drop(dest_shim);
+    let piped = tokio::time::timeout(Duration::from_secs(10), piping)
+        .await
+        .expect("the pipe ends")
+        .expect("join");
+    assert_eq!(piped, Ok((5, page.len() as u64)), "{}", origin.log());
+}
