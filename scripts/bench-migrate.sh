@@ -204,7 +204,7 @@ mig_run() { # size rep -> "client_ms record_ms ckpt_ms xfer_ms restore_ms xfer_m
     python3 "$W/poll.py" "$pid" "$W/client-$id" &
     POLLER=$!
     sleep 0.2
-    out=$(ip netns exec "$NET1" mig-server migrate --deployment "$id" --from node01 --to node02 --server $SERVER 2>&1) ||
+    out=$(ip netns exec "$NET1" mig-server migrate ${POST_COPY:+--post-copy} --deployment "$id" --from node01 --to node02 --server $SERVER 2>&1) ||
         { echo "bench-migrate.sh: migration of $id failed:" >&2; echo "$out" >&2; exit 1; }
     wait "$POLLER" || { echo "bench-migrate.sh: the client never saw $id tick on node02" >&2; exit 1; }
     POLLER=

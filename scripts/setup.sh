@@ -132,6 +132,17 @@ if ! criu check >/dev/null 2>&1; then
     criu check >&2 || true
 fi
 
+# CRIU's lazy page server (post-copy migrations, shim/src/postcopy.rs) sets its pipes to 4 MiB;
+# above fs.pipe-max-size (1 MiB by default) that needs CAP_SYS_RESOURCE, which some container
+# hosts (this kind of VM sandbox among them) withhold from root. Without it every page request
+# fails, so raise the limit where the capability is missing (the shim checks it too).
+caps=$(awk '/^CapEff:/ {print $2}' /proc/self/status)
+if [ $(( 0x$caps >> 24 & 1 )) -eq 0 ] && [ "$(cat /proc/sys/fs/pipe-max-size)" -lt 4194304 ]; then
+    say "no CAP_SYS_RESOURCE: raising fs.pipe-max-size to 4 MiB for CRIU's lazy page server"
+    echo 4194304 >/proc/sys/fs/pipe-max-size ||
+        echo "setup.sh: could not raise fs.pipe-max-size; post-copy migrations will be refused" >&2
+fi
+
 # --- build and install --------------------------------------------------------------------------
 say "building the workspace (release)"
 (cd "$ROOT" && cargo build --release --locked --workspace --quiet)

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use axum::serve::ListenerExt;
 use clap::{Parser, Subcommand, ValueEnum};
 use mig_server::agent::{AgentConfig, NodeAgent};
 use mig_server::agent_routes::AgentState;
@@ -282,9 +283,16 @@ async fn serve(args: ServeArgs, token: Token, ca: Option<&Path>) -> Result<()> {
                  streams (process memory) included, travels unencrypted; serve with --tls-cert \
                  and --tls-key (README, TLS)"
             );
-            run(listener, app).await
+            run(listener.tap_io(no_delay), app).await
         }
     }
+}
+
+/// Small messages go out at once: a post-copy migration's page requests (24 bytes each) cross
+/// the node agents' connection one by one, and Nagle's algorithm would hold each back for a
+/// delayed ACK (40 ms).
+fn no_delay(tcp: &mut tokio::net::TcpStream) {
+    let _ = tcp.set_nodelay(true);
 }
 
 async fn run<L>(listener: L, app: axum::Router) -> Result<()>

@@ -504,6 +504,8 @@ impl TlsListener {
     }
 
     fn handshake(&mut self, stream: TcpStream, peer: SocketAddr) {
+        // As without TLS (main.rs, no_delay): small messages go out at once.
+        let _ = stream.set_nodelay(true);
         let acceptor = self.acceptor.clone();
         self.handshakes.spawn(async move {
             let result = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))

@@ -793,6 +793,144 @@ fn migrate_between_two_nodes_with_faults() {
     assert_eq!(incoming, 0, "the incoming mark is left after the restore");
 }
 
+/// Post-copy (`"postCopy": true`): the origin's shim dumps everything but the memory pages
+/// and keeps the processes frozen; node02 restores at once and its lazy pages daemon fetches
+/// the pages from node01's CRIU through both shims and both agents.
+///
+/// First a fill that fails after the daemon has fetched every page (a `criu` wrapper makes
+/// `lazy-pages` exit 7 then, while `fail-lazy` exists): the destination must not count as
+/// having them, so the origin's CRIU is reset, the counter resumes on node01 from where it
+/// was frozen, and its page-less checkpoint is gone. Then the real thing: the counter goes on
+/// counting on node02, and is gone from node01.
+#[test]
+fn counter_migrates_post_copy_and_a_failed_fill_resumes_it_on_the_origin() {
+    const TEST: &str = "counter_migrates_post_copy_and_a_failed_fill_resumes_it_on_the_origin";
+    if !prerequisites(TEST) {
+        return;
+    }
+    let Some(real) = mig_e2e::prereq::find_on_path("criu") else {
+        return skip(TEST, "`criu` is not on PATH");
+    };
+    if !Path::new("/proc/sys/vm/unprivileged_userfaultfd").exists() {
+        return skip(
+            TEST,
+            "this kernel has no userfaultfd, which post-copy needs",
+        );
+    }
+    for tool in ["curl", "ip"] {
+        if mig_e2e::prereq::find_on_path(tool).is_none() {
+            return skip(TEST, &format!("`{tool}` is not on PATH"));
+        }
+    }
+    let wrappers = tempfile::Builder::new()
+        .prefix("mige2e-criu-")
+        .tempdir()
+        .expect("tmp");
+    let fail = wrappers.path().join("fail-lazy");
+    let wrapper = wrappers.path().join("criu");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = lazy-pages ] && [ -e {fail} ]; then\n  {real} \"$@\"\n  \
+             echo 'injected failure of criu lazy-pages' >&2\n  exit 7\nfi\nexec {real} \"$@\"\n",
+            fail = fail.display(),
+            real = real.display()
+        ),
+    )
+    .expect("write wrapper");
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let mut path = vec![wrappers.path().to_path_buf(), mig_e2e::shim_dir()];
+    path.extend(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    ));
+    let path = std::env::join_paths(path).expect("PATH");
+    let path = path.to_string_lossy().into_owned();
+    let image = TestImage::busybox().expect("image");
+    let c = Cluster::start_with(&[("PATH", path.as_str())], &image, false);
+    c.run_counter(&image, &["sh", "-c", COUNTER]);
+    let migrate = json!({"deployment": "counter", "originNode": "node01", "destNode": "node02",
+                         "postCopy": true});
+    thread::sleep(Duration::from_millis(500));
+
+    // 1. The fill fails on node02 after it had every page.
+    std::fs::write(&fail, "").expect("touch");
+    let before = count(&c.a, "counter");
+    let (s, m) = c.api("POST", "/migrate", Some(&migrate), true);
+    assert_eq!(s, 202, "{m}");
+    let m = c.wait_terminal(m["id"].as_str().expect("id"));
+    eprintln!("failed fill: migration {m}");
+    assert_eq!(m["phase"], "rolled_back", "{m}");
+    assert_eq!(m["postCopy"], true, "{m}");
+    assert!(
+        m["failure"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("lazy")),
+        "the reason should name the lazy pages daemon: {m}"
+    );
+    c.a.wait_for_status("counter", "RUNNING", Duration::from_secs(30))
+        .expect("running on the origin");
+    thread::sleep(Duration::from_millis(700));
+    let after = count(&c.a, "counter");
+    assert!(
+        after > before,
+        "the counter went from {before} to {after} on the origin: it did not resume"
+    );
+    thread::sleep(Duration::from_millis(500));
+    assert!(
+        count(&c.a, "counter") > after,
+        "the counter does not count on the origin"
+    );
+    assert!(
+        c.b.ctr_ok(&["containers", "ls", "-q"])
+            .expect("ls")
+            .trim()
+            .is_empty(),
+        "the destination kept a container"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !mig_dir_clean(&c.state_a) || !mig_dir_clean(&c.state_b) {
+        assert!(
+            Instant::now() < deadline,
+            "left behind: origin {:?}, destination {:?}",
+            mig_dir_leftovers(&c.state_a),
+            mig_dir_leftovers(&c.state_b)
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+
+    // 2. The real thing.
+    std::fs::remove_file(&fail).expect("rm");
+    let before = count(&c.a, "counter");
+    let (s, m) = c.api("POST", "/migrate", Some(&migrate), true);
+    assert_eq!(s, 202, "{m}");
+    let m = c.wait_terminal(m["id"].as_str().expect("id"));
+    eprintln!("post-copy: migration {m}");
+    assert_eq!(m["phase"], "done", "{m}");
+    c.b.wait_for_status("counter", "RUNNING", Duration::from_secs(10))
+        .expect("running on node02");
+    thread::sleep(Duration::from_millis(500));
+    let after = count(&c.b, "counter");
+    assert!(
+        after > before,
+        "the counter restarted on the destination: {before} -> {after}"
+    );
+    assert!(
+        c.a.ctr_ok(&["containers", "ls", "-q"])
+            .expect("ls")
+            .trim()
+            .is_empty(),
+        "still on the origin"
+    );
+    assert!(
+        m["checkpointBytes"].as_u64().unwrap_or(u64::MAX) < 1 << 20,
+        "a post-copy checkpoint carries no memory pages: {m}"
+    );
+}
+
 /// A DMTCP workload through `POST /migrate`: the destination creates it ahead of its
 /// checkpoint (the shim defers DMTCP's wrapping and restart to start), it resumes there with
 /// its memory, and nothing of it is left on the origin.
@@ -1063,7 +1201,7 @@ fn mig_dir_clean(state: &Path) -> bool {
 }
 
 fn mig_dir_leftovers(state: &Path) -> Vec<String> {
-    ["checkpoints", "migrations", "incoming"]
+    ["checkpoints", "migrations", "incoming", "pages"]
         .iter()
         .flat_map(|d| {
             std::fs::read_dir(state.join(d))

@@ -96,6 +96,41 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
+/// The pipe size CRIU's page server asks for (`PIPE_MAX_SIZE` pages of 4 KiB) to serve pages.
+const CRIU_PIPE_BYTES: u64 = 4 << 20;
+
+/// CRIU's lazy page server sets its pipes to 4 MiB and, when that fails, serves nothing
+/// (every request fails with "splice: Bad file descriptor", CRIU 4.2). Root may exceed
+/// `fs.pipe-max-size` (1 MiB by default) only with CAP_SYS_RESOURCE, which some container
+/// hosts withhold: say so before the dump rather than after.
+pub fn check_pipe_size() -> crate::error::Result<()> {
+    let max: u64 = std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(u64::MAX);
+    if max >= CRIU_PIPE_BYTES || has_sys_resource() {
+        return Ok(());
+    }
+    Err(crate::error::Error::FailedPrecondition(format!(
+        "post-copy: CRIU's page server needs pipes of {CRIU_PIPE_BYTES} bytes, but \
+         fs.pipe-max-size is {max} and the shim lacks CAP_SYS_RESOURCE to exceed it; raise it \
+         (sysctl -w fs.pipe-max-size={CRIU_PIPE_BYTES}; scripts/setup.sh does) or migrate \
+         without post-copy"
+    )))
+}
+
+/// Whether this process has CAP_SYS_RESOURCE (bit 24 of CapEff).
+fn has_sys_resource() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << 24) != 0)
+}
+
 /// A free port on 127.0.0.1 for CRIU's page server.
 pub fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -118,6 +153,8 @@ pub async fn serve(listener: UnixListener, criu: TcpStream, wait: Duration) -> S
         }
     };
     drop(listener);
+    // Page requests and answers are small and go one by one: no Nagle delay.
+    let _ = criu.set_nodelay(true);
     let mut criu = criu;
     let mut client = client;
     let end = {
@@ -230,6 +267,7 @@ pub async fn fetch(
         tracing::warn!(%peer, daemon, "refused a page server connection that is not the lazy pages daemon's");
     };
     drop(listener);
+    let _ = conn.set_nodelay(true);
     let remote = UnixStream::connect(&pages_socket)
         .await
         .map_err(|e| format!("connect to {}: {e}", pages_socket.display()))?;
@@ -275,20 +313,43 @@ pub async fn fetch(
 }
 
 /// Whether the TCP connection from local port `port` to this node's 127.0.0.1 belongs to
-/// process `pid` (one of its fds is that socket).
+/// process `pid` or one of its descendants (one of their fds is that socket): `criu` may be a
+/// wrapper that runs the real one.
 fn connected_from(pid: i32, port: u16) -> bool {
     let Some(inode) = tcp_inode(port) else {
         return false;
     };
     let want = format!("socket:[{inode}]");
-    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return false;
+    let mut pids = vec![pid];
+    while let Some(p) = pids.pop() {
+        if let Ok(fds) = std::fs::read_dir(format!("/proc/{p}/fd"))
+            && fds.flatten().any(|fd| {
+                std::fs::read_link(fd.path())
+                    .map(|l| l.to_string_lossy() == want)
+                    .unwrap_or(false)
+            })
+        {
+            return true;
+        }
+        pids.extend(children(p));
+    }
+    false
+}
+
+/// The children of `pid`, from `/proc/<pid>/task/*/children`.
+fn children(pid: i32) -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
     };
-    fds.flatten().any(|fd| {
-        std::fs::read_link(fd.path())
-            .map(|l| l.to_string_lossy() == want)
-            .unwrap_or(false)
-    })
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|s| {
+            s.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect()
 }
 
 /// The inode of the socket whose local address is 127.0.0.1:`port`, from `/proc/net/tcp`.

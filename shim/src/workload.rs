@@ -538,6 +538,7 @@ impl Workload {
         runtime: &dyn Runtime,
         opts: &CheckpointOpts,
     ) -> Result<Serving> {
+        crate::postcopy::check_pipe_size()?;
         let store = self.node.store()?;
         let socket = self.node.pages_socket(&self.identity);
         let listener = crate::postcopy::bind(&socket)

@@ -286,7 +286,10 @@ impl Service {
             }
             Err(e) => {
                 tracing::error!(container_id = %c.id, error = %e, "lazy restore failed; killing the container");
-                let _ = c.runtime.kill(&c.id, libc::SIGKILL as u32, true).await;
+                // The init of a pid namespace of its own takes every process in it along;
+                // `runc kill --all` signals the whole cgroup, only needed without one.
+                let all = !own_pid_namespace(c.init.pid);
+                let _ = c.runtime.kill(&c.id, libc::SIGKILL as u32, all).await;
                 Err(Error::Other(format!(
                     "container {} was restored, but not all of its memory: {e}; it was killed",
                     c.id
@@ -580,4 +583,13 @@ fn add_loopback_hook(bundle: &std::path::Path) -> Result<()> {
             .map_err(|e| Error::Other(format!("write the spec with the restore hook: {e}")))?;
     }
     Ok(())
+}
+
+/// Whether process `pid` lives in a pid namespace other than the shim's.
+fn own_pid_namespace(pid: i32) -> bool {
+    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/pid")).ok();
+    match (ns(&pid.to_string()), ns("self")) {
+        (Some(theirs), Some(ours)) => theirs != ours,
+        _ => false,
+    }
 }
