@@ -640,6 +640,30 @@ impl Controller {
         // downtime, and it does not depend on the destination, which may be dead (and make
         // the abort wait for its timeout).
         let restoring = self.migration(id).map(|m| m.phase) == Some(Phase::Restoring);
+        if restoring && req.post_copy {
+            // Post-copy: the origin decides. Until the destination had every page the origin
+            // only froze the workload, and its rollback resumes it (which also ends the
+            // destination's fill). Once every page was served, the destination holds the
+            // only copy: it must not be cleared, whatever its answer was.
+            match self.nodes_api.rollback(origin, req).await {
+                Ok(report) => {
+                    recovery.extend(report.done);
+                    let restored = !report.restored.is_empty();
+                    self.abort_destination(dest, req, &mut recovery).await;
+                    self.end_failed(id, reason, recovery, restored);
+                }
+                Err(e) => {
+                    recovery.push(format!("the origin did not resume the workload: {e}"));
+                    recovery.push(format!(
+                        "{} was left as it is: after a post-copy checkpoint whose pages were \
+                         all served it holds the only copy of the workload; check it there",
+                        dest.name
+                    ));
+                    self.end_failed(id, reason, recovery, false);
+                }
+            }
+            return;
+        }
         let mut dest_cleared = None;
         if restoring {
             dest_cleared = Some(self.abort_destination(dest, req, &mut recovery).await);

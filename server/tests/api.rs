@@ -1391,8 +1391,17 @@ async fn a_post_copy_origin_that_served_its_pages_is_not_restarted_from_its_page
     assert_eq!(m["phase"], "failed", "{m}");
     let recovery = m["failure"]["recovery"].to_string();
     assert!(
-        recovery.contains("ROLLBACK FAILED") && recovery.contains("no pages"),
+        recovery.contains("did not resume") && recovery.contains("no pages"),
         "{recovery}"
+    );
+    // The destination holds the only copy: it is left alone, not cleared.
+    assert!(recovery.contains("left as it is"), "{recovery}");
+    let dest_calls = c.dest.calls();
+    assert!(
+        !dest_calls
+            .iter()
+            .any(|call| call.starts_with("delete-task") || call.starts_with("kill")),
+        "the destination's only copy was cleared: {dest_calls:?}"
     );
     let calls = c.origin.calls();
     assert!(calls.contains(&"pages served".to_string()), "{calls:?}");

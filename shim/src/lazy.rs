@@ -113,11 +113,15 @@ pub struct Fill {
     started: Instant,
     /// Post-copy: the pages come from the origin through this bridge, told the daemon's exit
     /// status ([`crate::postcopy::fetch`]).
-    remote: Option<(
-        tokio::sync::oneshot::Sender<i32>,
-        tokio::task::JoinHandle<std::result::Result<(), String>>,
-    )>,
+    remote: Option<Remote>,
 }
+
+/// The bridge of a post-copy fill: told the daemon's exit status, it answers whether the
+/// origin heard that every page is in.
+type Remote = (
+    tokio::sync::oneshot::Sender<i32>,
+    tokio::task::JoinHandle<std::result::Result<(), String>>,
+);
 
 impl Fill {
     /// Starts `criu lazy-pages` on `images`, sharing `work` with the restore to come, and

@@ -487,12 +487,24 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let (_tx, rx) = oneshot::channel();
-        // pid 1 is not this test: its connection is refused and the bridge waits on.
-        let fetching = tokio::spawn(fetch(listener, 1, dir.path().join("none"), rx));
+        // A `sleep` (no socket, no children) stands for the daemon: this test's connection is
+        // not its, so it is refused and the bridge waits on.
+        let mut other = std::process::Command::new("sleep")
+            .arg("10")
+            .spawn()
+            .unwrap();
+        let fetching = tokio::spawn(fetch(
+            listener,
+            other.id() as i32,
+            dir.path().join("none"),
+            rx,
+        ));
         let mut stranger = TcpStream::connect(addr).await.unwrap();
         let mut b = [0u8; 1];
         assert_eq!(stranger.read(&mut b).await.unwrap(), 0);
         assert!(!fetching.is_finished());
         fetching.abort();
+        let _ = other.kill();
+        let _ = other.wait();
     }
 }

@@ -288,7 +288,7 @@ impl Service {
                 tracing::error!(container_id = %c.id, error = %e, "lazy restore failed; killing the container");
                 // The init of a pid namespace of its own takes every process in it along;
                 // `runc kill --all` signals the whole cgroup, only needed without one.
-                let all = !own_pid_namespace(c.init.pid);
+                let all = !own_pid_namespace(&c.bundle);
                 let _ = c.runtime.kill(&c.id, libc::SIGKILL as u32, all).await;
                 Err(Error::Other(format!(
                     "container {} was restored, but not all of its memory: {e}; it was killed",
@@ -585,11 +585,18 @@ fn add_loopback_hook(bundle: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-/// Whether process `pid` lives in a pid namespace other than the shim's.
-fn own_pid_namespace(pid: i32) -> bool {
-    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/pid")).ok();
-    match (ns(&pid.to_string()), ns("self")) {
-        (Some(theirs), Some(ours)) => theirs != ours,
-        _ => false,
-    }
+/// Whether the container of `bundle` has a pid namespace of its own (its spec asks for a new
+/// one). Read from the spec, not from /proc: the init may already be a zombie, whose
+/// namespaces /proc no longer shows, and guessing wrong would signal the whole cgroup.
+fn own_pid_namespace(bundle: &Path) -> bool {
+    use oci_spec::runtime::LinuxNamespaceType;
+    load_spec(bundle)
+        .ok()
+        .flatten()
+        .and_then(|spec| spec.linux().clone())
+        .and_then(|linux| linux.namespaces().clone())
+        .is_some_and(|nss| {
+            nss.iter()
+                .any(|ns| ns.typ() == LinuxNamespaceType::Pid && ns.path().is_none())
+        })
 }
