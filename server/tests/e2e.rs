@@ -817,6 +817,25 @@ fn counter_migrates_post_copy_and_a_failed_fill_resumes_it_on_the_origin() {
             "this kernel has no userfaultfd, which post-copy needs",
         );
     }
+    let pipe_max: u64 = std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(u64::MAX);
+    let sys_resource = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << 24) != 0);
+    if pipe_max < 4 << 20 && !sys_resource {
+        return skip(
+            TEST,
+            "fs.pipe-max-size is below 4 MiB without CAP_SYS_RESOURCE, so CRIU's page server \
+             cannot serve (scripts/setup.sh raises it)",
+        );
+    }
     for tool in ["curl", "ip"] {
         if mig_e2e::prereq::find_on_path(tool).is_none() {
             return skip(TEST, &format!("`{tool}` is not on PATH"));
