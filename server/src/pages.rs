@@ -35,8 +35,13 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    tokio::io::copy_bidirectional(&mut a, &mut b).await
+    // Pages come in answers of up to megabytes: copy them in large pieces (tokio's default
+    // is 8 KiB per read and write).
+    tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, PIPE_BUFFER, PIPE_BUFFER).await
 }
+
+/// The buffer of each direction of [`pipe`].
+const PIPE_BUFFER: usize = 256 << 10;
 
 /// Where a destination agent fetches pages: the origin agent and how to reach it.
 #[derive(Clone)]

@@ -161,7 +161,7 @@ pub async fn serve(listener: UnixListener, criu: TcpStream, wait: Duration) -> S
         let (mut criu_r, mut criu_w) = criu.split();
         let (mut client_r, mut client_w) = client.split();
         let down = async {
-            let _ = tokio::io::copy(&mut criu_r, &mut client_w).await;
+            let _ = copy_large(&mut criu_r, &mut client_w).await;
             let _ = client_w.shutdown().await;
         };
         let up = async {
@@ -189,6 +189,25 @@ pub async fn serve(listener: UnixListener, criu: TcpStream, wait: Duration) -> S
     match end {
         Ok(()) => Served::Complete,
         Err(why) => reset(criu, why),
+    }
+}
+
+/// Copies `from` to `to` until `from` ends, in pieces of up to 256 KiB: the pages come in
+/// answers of up to megabytes (`tokio::io::copy` reads and writes 8 KiB at a time).
+async fn copy_large<R, W>(from: &mut R, to: &mut W) -> std::io::Result<u64>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; 256 << 10];
+    let mut total = 0;
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(total);
+        }
+        to.write_all(&buf[..n]).await?;
+        total += n as u64;
     }
 }
 
@@ -274,7 +293,7 @@ pub async fn fetch(
     let (mut daemon_r, mut daemon_w) = conn.into_split();
     let (mut remote_r, mut remote_w) = remote.into_split();
     let down = tokio::spawn(async move {
-        let _ = tokio::io::copy(&mut remote_r, &mut daemon_w).await;
+        let _ = copy_large(&mut remote_r, &mut daemon_w).await;
         let _ = daemon_w.shutdown().await;
     });
     let mut buf = vec![0u8; MAX_FRAME];
