@@ -720,10 +720,7 @@ fn migrate_between_two_nodes_with_faults() {
     );
     // The container and its task, created ahead on the destination, went with the abort.
     assert!(
-        c.b.ctr_ok(&["containers", "ls", "-q"])
-            .expect("ls")
-            .trim()
-            .is_empty(),
+        no_containers(&c.b),
         "the container created ahead is left on the destination"
     );
 
@@ -731,12 +728,7 @@ fn migrate_between_two_nodes_with_faults() {
     c.b.ctr_ok(&["images", "rm", &image.name])
         .expect("rm image");
     fails_and_stays("node02", "failed restore");
-    assert!(
-        c.b.ctr_ok(&["containers", "ls", "-q"])
-            .expect("ls")
-            .trim()
-            .is_empty()
-    );
+    assert!(no_containers(&c.b));
     assert!(mig_dir_clean(&c.state_b));
     c.b.import(&image).expect("import");
 
@@ -780,13 +772,7 @@ fn migrate_between_two_nodes_with_faults() {
         after > before,
         "counter restarted on the destination: {before} -> {after}"
     );
-    assert!(
-        c.a.ctr_ok(&["containers", "ls", "-q"])
-            .expect("ls")
-            .trim()
-            .is_empty(),
-        "still on origin"
-    );
+    assert!(no_containers(&c.a), "still on origin");
     let incoming = std::fs::read_dir(c.state_b.join("incoming"))
         .map(|d| d.count())
         .unwrap_or(0);
@@ -903,13 +889,7 @@ fn counter_migrates_post_copy_and_a_failed_fill_resumes_it_on_the_origin() {
         count(&c.a, "counter") > after,
         "the counter does not count on the origin"
     );
-    assert!(
-        c.b.ctr_ok(&["containers", "ls", "-q"])
-            .expect("ls")
-            .trim()
-            .is_empty(),
-        "the destination kept a container"
-    );
+    assert!(no_containers(&c.b), "the destination kept a container");
     let deadline = Instant::now() + Duration::from_secs(10);
     while !mig_dir_clean(&c.state_a) || !mig_dir_clean(&c.state_b) {
         assert!(
@@ -937,13 +917,7 @@ fn counter_migrates_post_copy_and_a_failed_fill_resumes_it_on_the_origin() {
         after > before,
         "the counter restarted on the destination: {before} -> {after}"
     );
-    assert!(
-        c.a.ctr_ok(&["containers", "ls", "-q"])
-            .expect("ls")
-            .trim()
-            .is_empty(),
-        "still on the origin"
-    );
+    assert!(no_containers(&c.a), "still on the origin");
     assert!(
         m["checkpointBytes"].as_u64().unwrap_or(u64::MAX) < 1 << 20,
         "a post-copy checkpoint carries no memory pages: {m}"
@@ -1056,13 +1030,7 @@ fn dmtcp_workload_migrates_through_the_server() {
         later > first,
         "not counting on the destination: {first} -> {later}"
     );
-    assert!(
-        c.a.ctr_ok(&["containers", "ls", "-q"])
-            .expect("ls")
-            .trim()
-            .is_empty(),
-        "still on the origin"
-    );
+    assert!(no_containers(&c.a), "still on the origin");
     assert!(mig_dir_clean(&c.state_a), "left on the origin");
     assert!(mig_dir_clean(&c.state_b), "left on the destination");
 }
@@ -1204,6 +1172,14 @@ fn kill_the_controller_mid_migration(test: &str, kill_in: &str) {
 /// No checkpoint, temp dir, migration record or incoming mark left in a node's state dir.
 /// A receive that failed on its own (the stream ended or broke) removes its temp dir when its
 /// thread notices, which may be a moment after the migration was marked failed: wait a little.
+/// Whether `node` holds no container (in the test's namespace).
+fn no_containers(node: &Node) -> bool {
+    node.ctr_ok(&["containers", "ls", "-q"])
+        .expect("ls")
+        .trim()
+        .is_empty()
+}
+
 fn mig_dir_clean(state: &Path) -> bool {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
