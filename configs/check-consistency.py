@@ -112,6 +112,14 @@ check(flag(args, "--state-dir") == state_dir, f"install/daemonset.yaml: agent --
 state_mount = next((m for m in agent["volumeMounts"] if m["mountPath"] == state_dir), None)
 check(state_mount is not None and volume(pod, state_mount["name"]).get("hostPath", {}).get("path") == state_dir,
       f"install/daemonset.yaml: the agent must mount hostPath {state_dir} at {state_dir}")
+memory_dir = options.get("MemoryDir", "")
+if memory_dir != "off":
+    memory_parent = memory_dir or "/dev/shm/kubernetes-mig"
+    memory_mount = next((m for m in agent["volumeMounts"] if m["mountPath"] == memory_parent), None)
+    check(memory_mount is not None and volume(pod, memory_mount["name"]).get("hostPath", {}).get("path") == memory_parent,
+          f"install/daemonset.yaml: the agent must mount hostPath {memory_parent} at {memory_parent} (the shim's MemoryDir)")
+    check(flag(args, "--memory-dir") in (None, memory_dir),
+          f"install/daemonset.yaml: agent --memory-dir {flag(args, '--memory-dir')} != the shim's MemoryDir {memory_dir!r}")
 socket = flag(args, "--containerd-address") or ""
 check(any(socket.startswith(m["mountPath"] + "/") for m in agent["volumeMounts"]),
       f"install/daemonset.yaml: --containerd-address {socket} is not under a mounted directory")

@@ -43,6 +43,10 @@
 #               auto), not with the iptables programs, which takes ~40 ms off the restore and
 #               some off the dump at 16 MiB; MIG_CRIU_NETWORK_LOCK=iptables in this script's
 #               environment (it reaches the shims) makes the migration like for like.
+#               The floor writes its images to disk, as the issue defines it; the migration
+#               writes its checkpoint into each node's store in memory where there is room
+#               (README, "Checkpoints in memory"): MIG_MEMORY_DIR=off in this script's
+#               environment (it reaches the shims and the agents) writes it to disk too.
 #   MiB/s       xfer: checkpoint bytes (uncompressed) / (ckpt + xfer), the stream's whole
 #               life, as it overlaps the dump: a lower bound of its throughput; zstd: `zstd -1 -T1`
 #               over the floor checkpoint's pages-*.img (the same kind of bytes), from page
@@ -92,7 +96,11 @@ cleanup() {
     ip netns del "$NET1" 2>/dev/null; ip netns del "$NET2" 2>/dev/null
     grep -o " ${W}[^ ]*" /proc/self/mountinfo | sort -r | xargs -r -n1 umount -l
     if [ -n "${KEEP:-}" ]; then echo "kept $W"; else rm -rf "$W"; fi
+    for n in 1 2; do rm -rf "$(memory_dir "$W/node0$n/mig")"; done
 }
+# The nodes' checkpoint stores in memory: the default of mig_checkpoint::room::memory_dir
+# (a directory per state dir: the first 16 hex digits of its path's sha256).
+memory_dir() { echo "/dev/shm/kubernetes-mig/$(printf %s "$1" | sha256sum | cut -c1-16)"; }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 now() { date +%s%N; }
@@ -228,6 +236,7 @@ PY
     $B t kill -s KILL "$id" >/dev/null 2>&1 || true; sleep 0.3
     for c in "$A" "$B"; do $c t rm -f "$id" >/dev/null 2>&1 || true; $c c rm "$id" >/dev/null 2>&1 || true; done
     rm -rf "$W"/node0*/mig/checkpoints/* 2>/dev/null || true
+    for n in 1 2; do rm -rf "$(memory_dir "$W/node0$n/mig")"/* 2>/dev/null || true; done
 }
 
 HDR='%-7s | %9s %6s %6s | %9s %7s %7s %7s %6s | %7s %5s %7s %7s | %6s %6s | %s\n'

@@ -220,7 +220,9 @@ impl Checkpoint {
 pub(crate) fn payload_files(dir: &Path) -> Result<Vec<(String, Metadata)>> {
     let mut files = Vec::new();
     for (name, meta) in read_dir_sorted(dir, dir, "")? {
-        if name == MANIFEST_FILE || (name == STAMP_FILE && meta.is_file()) {
+        if name == MANIFEST_FILE
+            || ((name == STAMP_FILE || name == crate::writer::SIZE_HINT_FILE) && meta.is_file())
+        {
             continue;
         }
         if meta.is_dir() && PAYLOAD_DIRS.contains(&name.as_str()) {

@@ -55,6 +55,7 @@ mod error;
 mod identity;
 mod manifest;
 mod name;
+pub mod room;
 mod stamp;
 mod store;
 mod sys;

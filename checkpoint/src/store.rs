@@ -12,6 +12,12 @@
 //! Hidden names cannot collide with a key because a [`SafeName`] never starts with `.`, and
 //! a directory only ever appears under `<key>` by an atomic rename of a complete checkpoint,
 //! so `<key>` is either absent or complete, even after a crash.
+//!
+//! A store may have a second root in memory (a tmpfs, [`Store::with_memory`]) with the same
+//! layout, for checkpoints that only live to be moved to another node
+//! ([`Store::begin_transient`]). A workload has one checkpoint in the store, in either root:
+//! installing one removes the workload's checkpoint from the other root, and the lookups
+//! ([`Store::pending`], [`Store::path_for`], [`Store::writing`], ...) see both.
 
 use std::fs::{self, DirBuilder};
 use std::io;
@@ -24,6 +30,7 @@ use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result, io_err};
 use crate::identity::WorkloadIdentity;
 use crate::name::SafeName;
+use crate::room::Room;
 use crate::writer::CheckpointWriter;
 
 const HIDDEN_PREFIXES: [&str; 3] = [".tmp-", ".old-", ".removing-"];
@@ -32,6 +39,8 @@ const HIDDEN_PREFIXES: [&str; 3] = [".tmp-", ".old-", ".removing-"];
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    /// The root in memory, if the node has one (see [`Store::with_memory`]).
+    memory: Option<PathBuf>,
 }
 
 impl Store {
@@ -46,56 +55,164 @@ impl Store {
             .mode(0o700)
             .create(&root)
             .map_err(io_err("create checkpoint store", &root))?;
-        Ok(Self { root })
+        Ok(Self { root, memory: None })
     }
 
-    /// The store's root directory.
+    /// This store with a second root in memory at `dir`, for [`Store::begin_transient`],
+    /// which creates it (mode 0700) when it first writes there. `dir` should be on a tmpfs
+    /// of its own node, never shared with another store.
+    pub fn with_memory(mut self, dir: impl Into<PathBuf>) -> Result<Self> {
+        self.memory = Some(dir.into());
+        Ok(self)
+    }
+
+    /// The entries of `root`; none when it does not exist (a memory root not used yet).
+    fn entries(root: &Path, what: &'static str) -> Result<Vec<fs::DirEntry>> {
+        match fs::read_dir(root) {
+            Ok(entries) => entries.map(|e| e.map_err(io_err(what, root))).collect(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(io_err(what, root)(e)),
+        }
+    }
+
+    /// The store's root directory (on disk).
     pub fn root(&self) -> &Path {
         &self.root
     }
 
-    /// Where the complete checkpoint of `identity` lives (whether or not it exists).
+    /// The root in memory, if any.
+    pub fn memory_root(&self) -> Option<&Path> {
+        self.memory.as_deref()
+    }
+
+    /// The roots: on disk, then in memory if there is one.
+    pub fn roots(&self) -> impl Iterator<Item = &Path> {
+        std::iter::once(self.root.as_path()).chain(self.memory.as_deref())
+    }
+
+    /// Whether `path` lies in the memory root.
+    pub fn in_memory(&self, path: &Path) -> bool {
+        self.memory.as_deref().is_some_and(|m| path.starts_with(m))
+    }
+
+    /// One root as a store of its own.
+    fn only(root: &Path) -> Store {
+        Store {
+            root: root.to_path_buf(),
+            memory: None,
+        }
+    }
+
+    /// Where the complete checkpoint of `identity` is: in memory if it is there, else on
+    /// disk (whether or not it exists).
     pub fn path_for(&self, identity: &WorkloadIdentity) -> PathBuf {
-        self.root.join(identity.safe_key())
+        let key = identity.safe_key();
+        self.memory
+            .as_deref()
+            .map(|m| m.join(&key))
+            .filter(|p| p.symlink_metadata().is_ok())
+            .unwrap_or_else(|| self.root.join(&key))
     }
 
-    /// Starts writing a checkpoint of `identity` in a temporary directory of the store; it
-    /// replaces the workload's current checkpoint on [`CheckpointWriter::commit`].
+    /// Starts writing a checkpoint of `identity` in a temporary directory of the store (on
+    /// disk); it replaces the workload's current checkpoint on [`CheckpointWriter::commit`].
     pub fn begin(&self, identity: &WorkloadIdentity) -> Result<CheckpointWriter> {
-        CheckpointWriter::new(self, identity.clone())
+        let memory = self.memory.as_deref().map(Store::only);
+        CheckpointWriter::new(&Store::only(&self.root), identity.clone(), memory)
     }
 
-    /// The complete checkpoint waiting for `identity`, if any. Only the manifest is checked
-    /// here; the restore verifies the files with [`Checkpoint::verify_for_restore`].
+    /// [`Store::begin`] for a checkpoint that only lives to be moved (a migration's, on
+    /// either node): in memory when the store has a memory root with room for `size_hint`
+    /// bytes (see [`crate::room`]), else on disk. [`CheckpointWriter::in_memory`] tells which.
+    pub fn begin_transient(
+        &self,
+        identity: &WorkloadIdentity,
+        size_hint: u64,
+    ) -> Result<CheckpointWriter> {
+        if let Some(memory) = self.memory.as_deref() {
+            let room = DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(memory)
+                .and_then(|()| Room::of(memory));
+            match room
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.fits(size_hint))
+            {
+                Ok(()) => {
+                    let disk = Some(Store::only(&self.root));
+                    let mut writer =
+                        CheckpointWriter::new(&Store::only(memory), identity.clone(), disk)?;
+                    writer.set_size_hint(size_hint)?;
+                    return Ok(writer);
+                }
+                Err(why) => tracing::info!(
+                    workload = %identity,
+                    reason = %why,
+                    "checkpoint written to disk: no room in memory"
+                ),
+            }
+        }
+        self.begin(identity)
+    }
+
+    /// The size hint of a checkpoint (complete or being written) in `dir`, if it was written
+    /// in memory with one (see [`Store::begin_transient`]).
+    pub fn size_hint(dir: &Path) -> Option<u64> {
+        fs::read_to_string(dir.join(crate::writer::SIZE_HINT_FILE))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// The complete checkpoint waiting for `identity`, if any: the newer if both roots hold
+    /// one (only after a crash between an install and the removal of the older one). Only the
+    /// manifest is checked here; the restore verifies the files with
+    /// [`Checkpoint::verify_for_restore`].
     pub fn pending(&self, identity: &WorkloadIdentity) -> Result<Option<Checkpoint>> {
-        let dir = self.path_for(identity);
-        match dir.symlink_metadata() {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_err("stat", &dir)(e)),
+        let mut found: Option<Checkpoint> = None;
+        for root in self.roots() {
+            let dir = root.join(identity.safe_key());
+            match dir.symlink_metadata() {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err("stat", &dir)(e)),
+            }
+            let checkpoint = Checkpoint::open(&dir)?;
+            if checkpoint.identity() != identity {
+                return Err(Error::IdentityMismatch {
+                    dir,
+                    found: Box::new(checkpoint.identity().clone()),
+                    expected: Box::new(identity.clone()),
+                });
+            }
+            if found
+                .as_ref()
+                .is_none_or(|f| f.manifest().created_unix <= checkpoint.manifest().created_unix)
+            {
+                found = Some(checkpoint);
+            }
         }
-        let checkpoint = Checkpoint::open(&dir)?;
-        if checkpoint.identity() != identity {
-            return Err(Error::IdentityMismatch {
-                dir,
-                found: Box::new(checkpoint.identity().clone()),
-                expected: Box::new(identity.clone()),
-            });
-        }
-        Ok(Some(checkpoint))
+        Ok(found)
     }
 
-    /// Deletes the checkpoint of `identity`; returns whether there was one.
+    /// Deletes the checkpoint of `identity` (from both roots); returns whether there was one.
     pub fn remove(&self, identity: &WorkloadIdentity) -> Result<bool> {
-        let dir = self.path_for(identity);
-        let doomed = self.hidden_path(".removing-", &identity.safe_key());
-        match fs::rename(&dir, &doomed) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(io_err("rename", &dir)(e)),
+        let mut removed = false;
+        for root in self.roots() {
+            let store = Store::only(root);
+            let dir = store.root.join(identity.safe_key());
+            let doomed = store.hidden_path(".removing-", &identity.safe_key());
+            match fs::rename(&dir, &doomed) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err("rename", &dir)(e)),
+            }
+            fs::remove_dir_all(&doomed).map_err(io_err("remove", &doomed))?;
+            removed = true;
         }
-        fs::remove_dir_all(&doomed).map_err(io_err("remove", &doomed))?;
-        Ok(true)
+        Ok(removed)
     }
 
     /// Marks `checkpoint` consumed after a successful restore, by deleting it.
@@ -117,7 +234,9 @@ impl Store {
     /// [`Store::remove_stale`].
     pub fn consume_detached(&self, checkpoint: Checkpoint) -> Result<PathBuf> {
         let dir = checkpoint.dir().to_path_buf();
-        let doomed = self.hidden_path(".removing-", &checkpoint.identity().safe_key());
+        // In the root that holds it: a rename does not cross filesystems.
+        let root = dir.parent().unwrap_or(&self.root);
+        let doomed = Store::only(root).hidden_path(".removing-", &checkpoint.identity().safe_key());
         // Renaming first makes the check below race-free: once moved, the directory cannot be
         // replaced under us.
         fs::rename(&dir, &doomed).map_err(io_err("rename", &dir))?;
@@ -135,8 +254,10 @@ impl Store {
     pub fn remove_stale(&self, older_than: Duration) -> Result<usize> {
         let now = SystemTime::now();
         let mut removed = 0;
-        for entry in fs::read_dir(&self.root).map_err(io_err("read directory", &self.root))? {
-            let entry = entry.map_err(io_err("read directory", &self.root))?;
+        let entries = self
+            .roots()
+            .map(|root| Store::entries(root, "read directory"));
+        for entry in entries.collect::<Result<Vec<_>>>()?.into_iter().flatten() {
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
             if !HIDDEN_PREFIXES.iter().any(|p| name.starts_with(p)) {
@@ -173,8 +294,8 @@ impl Store {
             .unwrap_or_default();
         let prefix = format!(".tmp-{}-", identity.safe_key());
         let mut newest: Option<(u128, PathBuf)> = None;
-        for entry in fs::read_dir(&self.root).map_err(io_err("list", &self.root))? {
-            let entry = entry.map_err(io_err("list", &self.root))?;
+        let entries = self.roots().map(|root| Store::entries(root, "list"));
+        for entry in entries.collect::<Result<Vec<_>>>()?.into_iter().flatten() {
             let name = entry.file_name();
             let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
                 continue;

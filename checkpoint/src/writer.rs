@@ -17,6 +17,9 @@ use crate::manifest::{
 };
 use crate::name::SafeName;
 use crate::stamp::{STAMP_FILE, Stamp};
+
+/// A checkpoint's size hint, beside its payload (see [`CheckpointWriter::in_memory`]).
+pub(crate) const SIZE_HINT_FILE: &str = "size-hint";
 use crate::store::Store;
 use crate::sys;
 use crate::tail::{self, TailHasher};
@@ -24,7 +27,13 @@ use crate::tail::{self, TailHasher};
 /// A checkpoint being written. Dropping it without committing deletes everything written.
 #[derive(Debug)]
 pub struct CheckpointWriter {
+    /// The root it writes in, as a store of its own.
     store: Store,
+    /// The store's other root, if it has two: the workload's checkpoint there is removed once
+    /// this one is installed.
+    other: Option<Store>,
+    /// Whether `store` is the memory root.
+    in_memory: bool,
     identity: WorkloadIdentity,
     key: SafeName,
     tmp: PathBuf,
@@ -39,7 +48,11 @@ pub struct CheckpointWriter {
 }
 
 impl CheckpointWriter {
-    pub(crate) fn new(store: &Store, identity: WorkloadIdentity) -> Result<Self> {
+    pub(crate) fn new(
+        store: &Store,
+        identity: WorkloadIdentity,
+        other: Option<Store>,
+    ) -> Result<Self> {
         let key = identity.safe_key();
         // The temp directory lives in the store root so the final rename stays on one
         // filesystem and is atomic.
@@ -47,6 +60,8 @@ impl CheckpointWriter {
         private_dir(&tmp)?;
         Ok(Self {
             store: store.clone(),
+            other,
+            in_memory: false,
             final_path: store.path_for(&identity),
             identity,
             key,
@@ -56,6 +71,23 @@ impl CheckpointWriter {
             prehashed: BTreeMap::new(),
             tail: None,
         })
+    }
+
+    /// Whether this checkpoint is written in the store's memory root (see
+    /// [`Store::begin_transient`]).
+    pub fn in_memory(&self) -> bool {
+        self.in_memory
+    }
+
+    /// Notes that this checkpoint is written in memory, sized for about `bytes`: a
+    /// `size-hint` file beside the payload (not part of it, never sent) that
+    /// [`Store::size_hint`] reads, so that whoever streams it can ask the receiver for as
+    /// much room.
+    pub(crate) fn set_size_hint(&mut self, bytes: u64) -> Result<()> {
+        let path = self.tmp.join(SIZE_HINT_FILE);
+        fs::write(&path, bytes.to_string()).map_err(io_err("write", &path))?;
+        self.in_memory = true;
+        Ok(())
     }
 
     /// Whether [`CheckpointWriter::commit`] makes the file data durable (fsync) before it
@@ -388,6 +420,12 @@ impl CheckpointWriter {
         sync(&self.tmp)?;
         self.install()?;
         sync(self.store.root())?;
+        if let Some(other) = &self.other
+            && let Err(e) = other.remove(&self.identity)
+        {
+            tracing::warn!(workload = %self.identity, error = %e,
+                           "could not remove the older checkpoint from the store's other root");
+        }
         Checkpoint::open(&self.final_path)
     }
 

@@ -42,7 +42,11 @@ fn fixture() -> Fixture {
 }
 
 fn write_checkpoint(f: &Fixture, image: &str) -> Checkpoint {
-    let mut writer = f.store.begin(&f.identity).unwrap();
+    write_checkpoint_in(&f.store, f, image)
+}
+
+fn write_checkpoint_in(store: &Store, f: &Fixture, image: &str) -> Checkpoint {
+    let mut writer = store.begin(&f.identity).unwrap();
     let images = writer.images_dir().unwrap();
     fs::write(images.join("pages-1.img"), vec![0xabu8; 10_000]).unwrap();
     fs::write(images.join("inventory.img"), b"inventory").unwrap();
@@ -656,4 +660,79 @@ fn received_checkpoint_hashed_in_stream_is_checked_and_stamped() {
 
 fn stamp_path(checkpoint: &Checkpoint) -> PathBuf {
     checkpoint.dir().join("verified.json")
+}
+
+/// A store with a memory root: a transient checkpoint goes there when it fits, carries its
+/// size hint, verifies like any other, and a workload has one checkpoint across both roots.
+#[test]
+fn transient_checkpoints_go_to_memory_when_they_fit_and_replace_across_roots() {
+    let f = fixture();
+    let memory = f.tmp.path().join("shm/checkpoints");
+    let store = f.store.clone().with_memory(&memory).unwrap();
+    assert_eq!(store.memory_root(), Some(memory.as_path()));
+
+    let before = std::time::SystemTime::now();
+    let mut writer = store.begin_transient(&f.identity, 1 << 20).unwrap();
+    assert!(writer.in_memory());
+    assert!(writer.dir().starts_with(&memory));
+    assert_eq!(
+        store.writing(&f.identity, before).unwrap().as_deref(),
+        Some(writer.dir())
+    );
+    assert_eq!(Store::size_hint(writer.dir()), Some(1 << 20));
+    fs::write(
+        writer.images_dir().unwrap().join("pages-1.img"),
+        [1u8; 4096],
+    )
+    .unwrap();
+    writer.set_durable(false);
+    let in_memory = writer.commit(f.engine.clone(), "img").unwrap();
+    assert!(store.in_memory(in_memory.dir()));
+    assert_eq!(
+        store.path_for(&f.identity),
+        memory.join(f.identity.safe_key())
+    );
+    assert_eq!(
+        store.pending(&f.identity).unwrap().unwrap().dir(),
+        in_memory.dir()
+    );
+    // The hint is not part of the payload: the checkpoint verifies.
+    in_memory.verify().unwrap();
+
+    // A checkpoint on disk replaces it: the one in memory is gone.
+    let on_disk = write_checkpoint_in(&store, &f, "img2");
+    assert!(!store.in_memory(on_disk.dir()));
+    assert!(!memory.join(f.identity.safe_key()).exists());
+    assert_eq!(store.path_for(&f.identity), on_disk.dir());
+    assert_eq!(
+        store
+            .pending(&f.identity)
+            .unwrap()
+            .unwrap()
+            .manifest()
+            .image,
+        "img2"
+    );
+
+    // And back: a transient one replaces the one on disk.
+    let writer = store.begin_transient(&f.identity, 4096).unwrap();
+    let again = writer.commit(f.engine.clone(), "img3").unwrap();
+    assert!(store.in_memory(again.dir()));
+    assert!(!f.store.root().join(f.identity.safe_key()).exists());
+
+    // Too big for this node's memory: written to disk.
+    let huge = store.begin_transient(&f.identity, u64::MAX / 4).unwrap();
+    assert!(!huge.in_memory());
+    assert!(huge.dir().starts_with(f.store.root()));
+    assert_eq!(Store::size_hint(huge.dir()), None);
+    drop(huge);
+
+    assert!(store.remove(&f.identity).unwrap());
+    assert!(store.pending(&f.identity).unwrap().is_none());
+    assert!(hidden_entries(&memory).is_empty());
+    assert!(!store.remove(&f.identity).unwrap());
+
+    // Without a memory root, transient means disk.
+    let plain = f.store.begin_transient(&f.identity, 1).unwrap();
+    assert!(!plain.in_memory());
 }

@@ -61,7 +61,7 @@ fn main() {
 
         let dest = Store::open(dir.path().join(format!("d-{kind}"))).expect("store");
         let t = Instant::now();
-        receive_checkpoint(&wire[..], &dest, |_, _| Ok(())).expect("receive");
+        receive_checkpoint(&wire[..], &dest, None, |_, _| Ok(())).expect("receive");
         let receive = rate(t.elapsed().as_secs_f64());
         let ratio = wire.len() as f64 / payload.len() as f64;
         drop(wire);
@@ -77,7 +77,7 @@ fn main() {
                 send_checkpoint(ckpt_dir, info, &mut w, 1).expect("send");
                 w.flush().expect("flush");
             });
-            receive_checkpoint(reader, &dest, |_, _| Ok(())).expect("receive");
+            receive_checkpoint(reader, &dest, None, |_, _| Ok(())).expect("receive");
         });
         let e2e = rate(t.elapsed().as_secs_f64());
 

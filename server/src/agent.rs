@@ -128,6 +128,10 @@ pub struct AgentConfig {
     pub zstd_level: i32,
     /// How long to wait for a task to stop (checkpoint) or run (restore).
     pub wait_timeout: Duration,
+    /// The checkpoint store's root in memory, the shim's too (see
+    /// [`mig_checkpoint::room::memory_dir`]): a checkpoint received for a migration is
+    /// written there when the origin wrote it in memory and this node has the room.
+    pub memory_dir: Option<PathBuf>,
 }
 
 /// One node's agent.
@@ -157,7 +161,10 @@ pub enum CheckpointProgress {
 impl NodeAgent {
     /// Opens the state dir (creating `checkpoints/`, `marks/`, `incoming/`, `migrations/`).
     pub fn new(config: AgentConfig, containerd: Arc<dyn Containerd>) -> Result<Self, AgentError> {
-        let store = Store::open(config.state_dir.join("checkpoints"))?;
+        let mut store = Store::open(config.state_dir.join("checkpoints"))?;
+        if let Some(dir) = &config.memory_dir {
+            store = store.with_memory(dir)?;
+        }
         for dir in ["marks", "incoming", "migrations"] {
             private_dir(&config.state_dir.join(dir))?;
         }
@@ -1083,8 +1090,12 @@ impl NodeAgent {
     /// writer's is a leftover, and this process writes only what it receives.
     fn live_checkpoint_writer(&self, identity: &WorkloadIdentity) -> Option<PathBuf> {
         let prefix = format!(".tmp-{}-", identity.safe_key());
-        let entries = fs::read_dir(self.store.root()).ok()?;
-        entries.flatten().map(|e| e.path()).find(|dir| {
+        let entries = self
+            .store
+            .roots()
+            .filter_map(|root| fs::read_dir(root).ok())
+            .flat_map(|entries| entries.flatten());
+        entries.map(|e| e.path()).find(|dir| {
             let Some(rest) = dir
                 .file_name()
                 .and_then(|n| n.to_str())
@@ -1154,10 +1165,11 @@ pub fn checkpoint_mark(migration: &SafeName, post_copy: bool) -> serde_json::Val
 /// names them `.tmp-<key>-<pid>-<nanos>-<n>`; a live pid (the shim writing a checkpoint right
 /// now) keeps its directory.
 fn remove_orphaned_receives(store: &Store) {
-    let Ok(entries) = fs::read_dir(store.root()) else {
-        return;
-    };
-    for entry in entries.flatten() {
+    let entries = store
+        .roots()
+        .filter_map(|root| fs::read_dir(root).ok())
+        .flat_map(|entries| entries.flatten());
+    for entry in entries {
         let name = entry.file_name();
         let Some(name) = name.to_str().filter(|n| n.starts_with(".tmp-")) else {
             continue;

@@ -121,9 +121,32 @@ async fn send(State(s): State<AgentState>, body: Bytes) -> Result<impl IntoRespo
 async fn receive(
     State(s): State<AgentState>,
     Path(migration): Path<String>,
+    headers: axum::http::HeaderMap,
     body: Body,
 ) -> Result<impl IntoResponse, ApiError> {
-    Ok(Json(s.agent.receive(&migration, body).await?))
+    let hint = memory_hint(&headers)?;
+    Ok(Json(s.agent.receive(&migration, hint, body).await?))
+}
+
+/// The origin's [`crate::transfer::MEMORY_HINT_HEADER`], if it sent one: a byte count.
+pub(crate) fn memory_hint(headers: &axum::http::HeaderMap) -> Result<Option<u64>, ApiError> {
+    let Some(value) = headers.get(crate::transfer::MEMORY_HINT_HEADER) else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "header {} is {value:?}: expected a byte count",
+                    crate::transfer::MEMORY_HINT_HEADER
+                ),
+            )
+        })
 }
 
 async fn restore(State(s): State<AgentState>, body: Bytes) -> Result<impl IntoResponse, ApiError> {

@@ -102,6 +102,12 @@ struct ServeArgs {
     /// to their origin.
     #[arg(long, env = "MIG_STATE_DIR", default_value = "/var/lib/kubernetes-mig")]
     state_dir: PathBuf,
+    /// Where migrations' checkpoints are written when the node has the memory for them (a
+    /// tmpfs): empty for the default, a directory per state dir under
+    /// /dev/shm/kubernetes-mig (what the shim uses too); `off` to always write them to disk.
+    /// Must be the shim's (its runtime option MemoryDir, or MIG_MEMORY_DIR).
+    #[arg(long, env = "MIG_MEMORY_DIR", default_value = "")]
+    memory_dir: String,
     /// Runtime type migrated containers have and are restored with.
     #[arg(long, default_value = "io.containerd.mig.v2")]
     runtime: String,
@@ -188,6 +194,7 @@ async fn serve(args: ServeArgs, token: Token, ca: Option<&Path>) -> Result<()> {
                 runtime: args.runtime.clone(),
                 zstd_level: args.zstd_level,
                 wait_timeout: Duration::from_secs(args.wait_timeout_secs),
+                memory_dir: mig_checkpoint::room::memory_dir(&args.memory_dir, &args.state_dir),
             },
             Arc::new(containerd),
         )

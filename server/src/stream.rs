@@ -515,6 +515,7 @@ pub struct Received {
 pub fn receive_checkpoint<R: Read>(
     input: R,
     store: &Store,
+    memory_hint: Option<u64>,
     accept: impl FnOnce(&ContainerInfo, &Manifest) -> Result<(), String>,
 ) -> Result<Received, StreamError> {
     let mut counting = Counting {
@@ -533,7 +534,12 @@ pub fn receive_checkpoint<R: Read>(
     let identity_bytes = read_block(&mut z, MAX_IDENTITY_LEN, "workload identity")?;
     let identity: WorkloadIdentity = serde_json::from_slice(&identity_bytes)
         .map_err(|e| StreamError::Malformed(format!("workload identity: {e}")))?;
-    let writer = store.begin(&identity)?;
+    // The origin wrote it in memory: so does this node if it has the room (see
+    // `Store::begin_transient`).
+    let writer = match memory_hint {
+        Some(hint) => store.begin_transient(&identity, hint)?,
+        None => store.begin(&identity)?,
+    };
     let dir = writer.dir().to_path_buf();
     let (job_tx, job_rx) = std::sync::mpsc::sync_channel::<Job>(PIPELINE_DEPTH);
     let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
@@ -995,7 +1001,7 @@ mod tests {
         let cp = sample_checkpoint(&origin_store, "counter", &payload);
         let wire = encode(cp.dir(), "counter");
         assert!(wire.len() < payload.len() / 10, "zstd should shrink zeros");
-        let got = receive_checkpoint(&wire[..], &dest_store, |_, _| Ok(())).expect("receive");
+        let got = receive_checkpoint(&wire[..], &dest_store, None, |_, _| Ok(())).expect("receive");
         assert_eq!(got.info.id, "counter");
         assert_eq!(got.stats.wire_bytes, wire.len() as u64);
         got.checkpoint.verify().expect("verify");
@@ -1006,6 +1012,34 @@ mod tests {
         assert_eq!(received, payload);
         let identity = WorkloadIdentity::container("default", "counter").expect("id");
         assert!(dest_store.pending(&identity).expect("pending").is_some());
+    }
+
+    #[test]
+    fn a_memory_hint_lands_the_checkpoint_in_memory_where_it_fits() {
+        let (dirs, origin_store, dest_store) = two_stores();
+        let dest_store = dest_store
+            .with_memory(dirs.1.path().join("shm"))
+            .expect("memory root");
+        let cp = sample_checkpoint(&origin_store, "counter", &[3u8; 5000]);
+        let wire = encode(cp.dir(), "counter");
+        let got = receive_checkpoint(&wire[..], &dest_store, Some(1 << 20), |_, _| Ok(()))
+            .expect("receive");
+        assert!(dest_store.in_memory(got.checkpoint.dir()));
+        got.checkpoint.verify().expect("verify");
+        // No hint, or more than this node has: on disk, replacing the one in memory.
+        let got = receive_checkpoint(&wire[..], &dest_store, Some(u64::MAX / 4), |_, _| Ok(()))
+            .expect("receive");
+        assert!(!dest_store.in_memory(got.checkpoint.dir()));
+        let identity = WorkloadIdentity::container("default", "counter").expect("id");
+        assert_eq!(
+            dest_store
+                .pending(&identity)
+                .expect("pending")
+                .expect("one")
+                .dir(),
+            got.checkpoint.dir()
+        );
+        assert!(!dirs.1.path().join("shm").join(identity.safe_key()).exists());
     }
 
     /// Re-encodes `wire` with one byte of the decompressed payload flipped at `offset` from
@@ -1039,7 +1073,8 @@ mod tests {
         let cp = sample_checkpoint(&origin_store, "counter", &[1u8; 4096]);
         // Inside the last file, just before the 4-byte trailer.
         let wire = flip_payload_byte(&encode(cp.dir(), "counter"), 10);
-        let err = receive_checkpoint(&wire[..], &dest_store, |_, _| Ok(())).expect_err("refused");
+        let err =
+            receive_checkpoint(&wire[..], &dest_store, None, |_, _| Ok(())).expect_err("refused");
         assert!(
             matches!(err, StreamError::ChecksumMismatch { .. }),
             "unexpected error {err}"
@@ -1058,7 +1093,8 @@ mod tests {
             .expect("image in record");
         plain[at] = b'B';
         let wire = zstd::encode_all(&plain[..], 1).expect("encode");
-        let err = receive_checkpoint(&wire[..], &dest_store, |_, _| Ok(())).expect_err("refused");
+        let err =
+            receive_checkpoint(&wire[..], &dest_store, None, |_, _| Ok(())).expect_err("refused");
         assert!(err.to_string().contains("container record"), "{err}");
         assert!(store_is_empty(&dest_store));
     }
@@ -1071,7 +1107,7 @@ mod tests {
         let mut wire = encode(cp.dir(), "counter");
         let mid = wire.len() / 2;
         wire[mid] ^= 0xff;
-        assert!(receive_checkpoint(&wire[..], &dest_store, |_, _| Ok(())).is_err());
+        assert!(receive_checkpoint(&wire[..], &dest_store, None, |_, _| Ok(())).is_err());
         assert!(store_is_empty(&dest_store), "temp dir left behind");
     }
 
@@ -1081,7 +1117,8 @@ mod tests {
         let cp = sample_checkpoint(&origin_store, "counter", &[3u8; 50_000]);
         let plain = zstd::decode_all(&encode(cp.dir(), "counter")[..]).expect("decode");
         let cut = zstd::encode_all(&plain[..plain.len() - 100], 1).expect("encode");
-        let err = receive_checkpoint(&cut[..], &dest_store, |_, _| Ok(())).expect_err("refused");
+        let err =
+            receive_checkpoint(&cut[..], &dest_store, None, |_, _| Ok(())).expect_err("refused");
         assert!(err.to_string().contains("ended"), "{err}");
         assert!(store_is_empty(&dest_store));
     }
@@ -1091,7 +1128,7 @@ mod tests {
         let (_dirs, origin_store, dest_store) = two_stores();
         let cp = sample_checkpoint(&origin_store, "counter", b"x");
         let wire = encode(cp.dir(), "counter");
-        let err = receive_checkpoint(&wire[..], &dest_store, |_, _| Err("not here".into()))
+        let err = receive_checkpoint(&wire[..], &dest_store, None, |_, _| Err("not here".into()))
             .expect_err("refused");
         assert!(matches!(err, StreamError::Refused(_)));
         assert!(store_is_empty(&dest_store));
@@ -1182,7 +1219,7 @@ mod tests {
             stats.live_bytes > 0,
             "nothing was sent while the page image was written: {stats:?}"
         );
-        let got = receive_checkpoint(&wire[..], &dest_store, |_, _| Ok(())).expect("receive");
+        let got = receive_checkpoint(&wire[..], &dest_store, None, |_, _| Ok(())).expect("receive");
         got.checkpoint.verify().expect("verify");
         assert_eq!(got.checkpoint.stamp_status(), Ok(()));
         let pages = std::fs::read(got.checkpoint.images_dir().join("pages-1.img")).expect("read");
@@ -1202,7 +1239,8 @@ mod tests {
         })
         .expect("send");
         assert!(stats.live_bytes > 0, "{stats:?}");
-        let err = receive_checkpoint(&wire[..], &dest_store, |_, _| Ok(())).expect_err("refused");
+        let err =
+            receive_checkpoint(&wire[..], &dest_store, None, |_, _| Ok(())).expect_err("refused");
         assert!(
             matches!(&err, StreamError::ChecksumMismatch { path, .. } if path == "images/pages-1.img"),
             "{err}"
@@ -1257,7 +1295,7 @@ mod tests {
             ("rootfs/upper.tar", "not a page image"),
             ("images/core.img", "not a page image"),
         ] {
-            let err = receive_checkpoint(&with_live_record(path)[..], &store, |_, _| Ok(()))
+            let err = receive_checkpoint(&with_live_record(path)[..], &store, None, |_, _| Ok(()))
                 .expect_err("refused");
             assert!(
                 matches!(err, StreamError::Malformed(_)) && err.to_string().contains(why),

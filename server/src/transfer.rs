@@ -8,7 +8,10 @@ use std::io::{self, Write};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use mig_checkpoint::WorkloadIdentity;
+use std::path::Path;
+use std::time::Duration;
+
+use mig_checkpoint::{Store, WorkloadIdentity};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -24,6 +27,9 @@ use crate::stream::{
 
 /// Chunks handed to the HTTP body; big enough to keep syscalls few.
 const CHUNK: usize = 1024 * 1024;
+/// Sent with a checkpoint stream the origin wrote in memory: its size hint in bytes (see
+/// [`NodeAgent::memory_hint`]).
+pub const MEMORY_HINT_HEADER: &str = "x-mig-memory-hint";
 /// Chunks in flight between the encoder thread and the HTTP client.
 const SEND_DEPTH: usize = 8;
 /// Body chunks (as hyper reads them, tens of KiB) the receiver buffers between the connection
@@ -151,9 +157,10 @@ impl NodeAgent {
             } else {
                 Source::Complete(self.store.path_for(&identity))
             };
+            let hint = self.memory_hint(&source).await;
             let info = self.saved_info(&migration, &identity)?;
             let stats = self
-                .stream_checkpoint(http, token, &url, source, info, &format!("{id}"))
+                .stream_checkpoint(http, token, &url, source, info, hint, &format!("{id}"))
                 .await?;
             info!(container_id = %id, raw = stats.raw_bytes, wire = stats.wire_bytes,
                   live = stats.live_bytes, stored = stats.stored_bytes, elapsed_ms = started.elapsed().as_millis() as u64,
@@ -165,9 +172,55 @@ impl NodeAgent {
         Ok(total)
     }
 
+    /// The size hint of `source` when the shim wrote it in memory (see
+    /// [`mig_checkpoint::Store::begin_transient`]), for the receiver to write it in memory too
+    /// if it has the room. A live checkpoint's directory is looked for as the live sender
+    /// does, for as long as the shim may take to begin it.
+    pub(crate) async fn memory_hint(&self, source: &Source) -> Option<u64> {
+        let in_memory = |dir: &Path| {
+            self.store
+                .in_memory(dir)
+                .then(|| Store::size_hint(dir))
+                .map(|hint| hint.ok_or(()))
+        };
+        match source {
+            Source::Complete(dir) => in_memory(dir).and_then(Result::ok),
+            Source::Live {
+                store,
+                identity,
+                since,
+                progress,
+                deadline,
+            } => loop {
+                let found = match store.writing(identity, *since) {
+                    Ok(Some(dir)) => Some(dir),
+                    _ if *progress.borrow() == CheckpointProgress::Committed => {
+                        Some(store.path_for(identity))
+                    }
+                    _ => None,
+                };
+                match found.as_deref().map(in_memory) {
+                    // On disk.
+                    Some(None) => return None,
+                    Some(Some(Ok(hint))) => return Some(hint),
+                    // In memory, its hint not written yet; or not begun yet.
+                    Some(Some(Err(()))) | None => {}
+                }
+                if matches!(*progress.borrow(), CheckpointProgress::Failed(_))
+                    || std::time::Instant::now() > *deadline
+                {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            },
+        }
+    }
+
     /// POSTs the checkpoint of `source` (with its container record) to `url` as one
-    /// compressed stream, read straight from the store on a blocking thread. `what` names the
-    /// workload in errors.
+    /// compressed stream, read straight from the store on a blocking thread, asking the
+    /// receiver to write it in memory for `memory_hint` bytes if it can (header
+    /// [`MEMORY_HINT_HEADER`]). `what` names the workload in errors.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn stream_checkpoint(
         &self,
         http: &reqwest::Client,
@@ -175,6 +228,7 @@ impl NodeAgent {
         url: &str,
         source: Source,
         info: ContainerInfo,
+        memory_hint: Option<u64>,
         what: &str,
     ) -> Result<StreamStats, AgentError> {
         let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(SEND_DEPTH);
@@ -219,12 +273,11 @@ impl NodeAgent {
         let body = reqwest::Body::wrap_stream(futures_util::stream::unfold(rx, |mut rx| async {
             rx.recv().await.map(|item| (item, rx))
         }));
-        let response = http
-            .post(url)
-            .bearer_auth(token.secret())
-            .body(body)
-            .send()
-            .await;
+        let mut request = http.post(url).bearer_auth(token.secret());
+        if let Some(hint) = memory_hint {
+            request = request.header(MEMORY_HINT_HEADER, hint.to_string());
+        }
+        let response = request.body(body).send().await;
         if !matches!(&response, Ok(r) if r.status().is_success()) {
             cancel.cancel();
         }
@@ -256,12 +309,13 @@ impl NodeAgent {
     pub async fn receive(
         &self,
         migration: &str,
+        memory_hint: Option<u64>,
         body: axum::body::Body,
     ) -> Result<TransferSummary, AgentError> {
         let migration = safe("migration id", migration)?;
         let started = std::time::Instant::now();
         let received = self
-            .receive_body(body, |info, manifest| {
+            .receive_body(body, memory_hint, |info, manifest| {
                 let ns = SafeNameCheck::check("namespace", &info.namespace)?;
                 let id = SafeNameCheck::check("container id", &info.id)?;
                 let expected = WorkloadIdentity::container(ns, id).map_err(|e| e.to_string())?;
@@ -277,6 +331,7 @@ impl NodeAgent {
         self.check_prepared(&migration, &received.info)?;
         self.record_received(&migration, &received.info)?;
         info!(container_id = %received.info.id, migration = %migration,
+              in_memory = self.store.in_memory(received.checkpoint.dir()),
               raw = received.stats.raw_bytes, wire = received.stats.wire_bytes,
               live = received.stats.live_bytes, elapsed_ms = started.elapsed().as_millis() as u64, "checkpoint received");
         Ok(TransferSummary {
@@ -292,6 +347,7 @@ impl NodeAgent {
     pub(crate) async fn receive_body(
         &self,
         body: axum::body::Body,
+        memory_hint: Option<u64>,
         accept: impl FnOnce(&ContainerInfo, &mig_checkpoint::Manifest) -> Result<(), String>
         + Send
         + 'static,
@@ -310,8 +366,10 @@ impl NodeAgent {
             current: Bytes::new(),
         };
         let store = self.store.clone();
-        let received =
-            tokio::task::spawn_blocking(move || receive_checkpoint(input, &store, accept)).await;
+        let received = tokio::task::spawn_blocking(move || {
+            receive_checkpoint(input, &store, memory_hint, accept)
+        })
+        .await;
         // Done or failed: what is left of the body is not read.
         pump.abort();
         received

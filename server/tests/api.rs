@@ -416,6 +416,7 @@ async fn agent(
             runtime: RUNTIME.into(),
             zstd_level: 1,
             wait_timeout: Duration::from_secs(5),
+            memory_dir: None,
         },
         fake.clone(),
     )
@@ -1409,4 +1410,26 @@ async fn a_post_copy_origin_that_served_its_pages_is_not_restarted_from_its_page
         !calls.iter().any(|call| call.starts_with("start")),
         "restarted from a pageless checkpoint: {calls:?}"
     );
+}
+
+#[tokio::test]
+async fn a_receive_with_a_bad_memory_hint_is_400_and_stores_nothing() {
+    let c = cluster().await;
+    let r = c
+        .http
+        .post(format!("{}/agent/v1/receive/mig-1-0", c.dest_url))
+        .bearer_auth(TOKEN)
+        .header("x-mig-memory-hint", "lots")
+        .body("not a stream")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status().as_u16(), 400);
+    let body: Value = r.json().await.expect("json");
+    let error = body["error"].as_str().expect("error");
+    assert!(
+        error.contains("x-mig-memory-hint") && error.contains("byte count"),
+        "{error}"
+    );
+    assert!(dir_is_empty(&c.dest.state_dir.join("checkpoints")));
 }

@@ -303,6 +303,7 @@ async fn agent(name: &str, http: &reqwest::Client) -> (String, tempfile::TempDir
             runtime: "io.containerd.mig.v2".into(),
             zstd_level: 1,
             wait_timeout: Duration::from_secs(5),
+            memory_dir: None,
         },
         Arc::new(NoContainerd),
     )

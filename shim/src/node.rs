@@ -54,6 +54,9 @@ impl EngineKind {
 pub struct NodeConfig {
     /// The state root: `checkpoints/`, `marks/`, `containers/` live below it.
     pub state_dir: PathBuf,
+    /// The checkpoint store's root in memory, for migrations' checkpoints (see
+    /// [`mig_checkpoint::Store::begin_transient`]); `None`: always on disk.
+    pub memory_dir: Option<PathBuf>,
     /// The engine of containers that do not choose one by annotation.
     pub default_engine: EngineKind,
     /// Where DMTCP is installed, when configured.
@@ -135,10 +138,15 @@ impl NodeConfig {
             )?,
             None => LazyPages::default(),
         };
+        let state_dir: PathBuf = pick(&o.state_dir, "MIG_STATE_DIR")
+            .unwrap_or_else(|| DEFAULT_STATE_DIR.into())
+            .into();
         Ok(Self {
-            state_dir: pick(&o.state_dir, "MIG_STATE_DIR")
-                .unwrap_or_else(|| DEFAULT_STATE_DIR.into())
-                .into(),
+            memory_dir: mig_checkpoint::room::memory_dir(
+                &pick(&o.memory_dir, "MIG_MEMORY_DIR").unwrap_or_default(),
+                &state_dir,
+            ),
+            state_dir,
             default_engine,
             dmtcp_dir: pick(&o.dmtcp_dir, "MIG_DMTCP_DIR").map(PathBuf::from),
             hook_binary: pick("", "MIG_RESTORE_HOOK")
@@ -151,8 +159,14 @@ impl NodeConfig {
 
     /// The node's checkpoint store.
     pub fn store(&self) -> Result<Store> {
-        Store::open(self.state_dir.join("checkpoints"))
-            .map_err(|e| Error::Other(format!("open the checkpoint store: {e}")))
+        let store = Store::open(self.state_dir.join("checkpoints"))
+            .map_err(|e| Error::Other(format!("open the checkpoint store: {e}")))?;
+        match &self.memory_dir {
+            Some(dir) => store
+                .with_memory(dir)
+                .map_err(|e| Error::Other(format!("open the checkpoint store in memory: {e}"))),
+            None => Ok(store),
+        }
     }
 
     /// The per-container scratch dir (upper layer when containerd gives none, DMTCP dirs).
@@ -291,6 +305,7 @@ mod tests {
     fn node_in(state_dir: &Path) -> NodeConfig {
         NodeConfig {
             state_dir: state_dir.into(),
+            memory_dir: None,
             default_engine: EngineKind::Criu,
             dmtcp_dir: None,
             hook_binary: DEFAULT_HOOK.into(),

@@ -57,6 +57,12 @@ pub struct RuntimeOptions {
     /// `always` or `never`.
     #[serde(rename = "CriuLazyPages", default)]
     pub criu_lazy_pages: String,
+    /// Where a migration's CRIU checkpoint is written when the node has the memory for it (a
+    /// tmpfs; see `mig_checkpoint::room`): empty for the default (a directory per state root
+    /// under /dev/shm/kubernetes-mig), `off` to always write to disk. The node agent must be
+    /// given the same (`--memory-dir`).
+    #[serde(rename = "MemoryDir", default)]
+    pub memory_dir: String,
     /// containerd's runc options that this shim accepts but has no use for.
     #[serde(rename = "ShimCgroup", default)]
     pub shim_cgroup: String,

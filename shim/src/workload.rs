@@ -418,6 +418,7 @@ impl Workload {
         id: &str,
         runtime: &dyn Runtime,
         post_copy: bool,
+        transient: Option<u32>,
     ) -> std::result::Result<Checkpoint, StopCheckpointError> {
         let running = |error| StopCheckpointError {
             error,
@@ -428,9 +429,32 @@ impl Workload {
             stopped: true,
         };
         let store = self.node.store().map_err(running)?;
-        let mut writer = store
-            .begin(&self.identity)
+        // A migration's CRIU checkpoint (`transient`: the init's pid) goes to memory when the
+        // node has room for what the container holds (its memory, but for post-copy, whose
+        // checkpoint holds no pages; its upper layer and volumes): written to disk, a GiB of
+        // images is throttled to the disk's speed, all of it downtime. DMTCP's images are
+        // written in the container's own directory and moved into the checkpoint, which must
+        // then be on the same filesystem.
+        let writer = match transient.filter(|_| self.engine.kind() == EngineKind::Criu) {
+            Some(pid) => {
+                use mig_checkpoint::room::{process_memory, tree_size};
+                const UNKNOWN: u64 = u64::MAX / 4;
+                let mut hint: u64 = if post_copy {
+                    1 << 20
+                } else {
+                    process_memory(pid).unwrap_or(UNKNOWN)
+                };
+                let trees = self.rootfs.iter().map(|r| &r.upper);
+                for dir in trees.chain(self.volumes.iter().map(|v| &v.source)) {
+                    hint = hint.saturating_add(tree_size(dir, UNKNOWN));
+                }
+                store.begin_transient(&self.identity, hint)
+            }
+            None => store.begin(&self.identity),
+        };
+        let mut writer = writer
             .map_err(|e| running(Error::Other(format!("start a checkpoint of {id}: {e}"))))?;
+        tracing::info!(container_id = %id, dir = %writer.dir().display(), in_memory = writer.in_memory(), "checkpoint begun");
         writer.set_durable(false);
         let mut serving = None;
         if post_copy && self.engine.kind() != EngineKind::Criu {
@@ -874,6 +898,7 @@ mod tests {
             checkpoint_on_stop: false,
             node: NodeConfig {
                 state_dir: dir.into(),
+                memory_dir: None,
                 default_engine: EngineKind::Criu,
                 dmtcp_dir: None,
                 hook_binary: dir.join("hook"),

@@ -113,16 +113,10 @@ impl NodeAgent {
                 labels: BTreeMap::from([(WORKLOAD_LABEL.to_string(), k.workload.clone())]),
                 spec: serde_json::Value::Null,
             };
-            let dir = self.store.path_for(&id);
+            let source = crate::transfer::Source::Complete(self.store.path_for(&id));
+            let hint = self.memory_hint(&source).await;
             let stats = self
-                .stream_checkpoint(
-                    http,
-                    token,
-                    &url,
-                    crate::transfer::Source::Complete(dir),
-                    info,
-                    &format!("{k}"),
-                )
+                .stream_checkpoint(http, token, &url, source, info, hint, &format!("{k}"))
                 .await?;
             info!(workload = %k, raw = stats.raw_bytes, wire = stats.wire_bytes, "checkpoint sent");
             total.raw_bytes += stats.raw_bytes;
@@ -136,11 +130,12 @@ impl NodeAgent {
     pub async fn kube_receive(
         &self,
         migration: &str,
+        memory_hint: Option<u64>,
         body: Body,
     ) -> Result<TransferSummary, AgentError> {
         let migration = safe("migration id", migration)?;
         let received = self
-            .receive_body(body, |info, manifest| {
+            .receive_body(body, memory_hint, |info, manifest| {
                 let workload = info.labels.get(WORKLOAD_LABEL).cloned().unwrap_or_default();
                 let expected = KubeIdentity {
                     namespace: info.namespace.clone(),
@@ -200,7 +195,9 @@ async fn send(State(s): State<AgentState>, body: Bytes) -> Result<Json<TransferS
 async fn receive(
     State(s): State<AgentState>,
     Path(migration): Path<String>,
+    headers: axum::http::HeaderMap,
     body: Body,
 ) -> Result<Json<TransferSummary>, ApiError> {
-    Ok(Json(s.agent.kube_receive(&migration, body).await?))
+    let hint = crate::agent_routes::memory_hint(&headers)?;
+    Ok(Json(s.agent.kube_receive(&migration, hint, body).await?))
 }

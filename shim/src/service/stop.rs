@@ -50,7 +50,11 @@ impl Service {
     ) -> Result<()> {
         let started = std::time::Instant::now();
         let force = how.force;
-        match w.checkpoint(&c.id, c.runtime.as_ref(), how.post_copy).await {
+        let transient = (!how.durable).then_some(c.init.pid as u32);
+        match w
+            .checkpoint(&c.id, c.runtime.as_ref(), how.post_copy, transient)
+            .await
+        {
             Ok(ckpt) => {
                 tracing::info!(container_id = %c.id, checkpoint = %ckpt.dir().display(), engine = %ckpt.engine(), elapsed_ms = started.elapsed().as_millis() as u64, "checkpointed before stop");
                 if how.durable {
