@@ -231,7 +231,9 @@ live = m.get("bytesSentWhileCheckpointing", 0)
 print(round((b - a) * 1000), m["downtimeMs"], d.get("checkpointing", 0), x, d.get("restoring", 0),
       round(m["checkpointBytes"] / 1048576 / max(streaming, 1) * 1000),
       round(a * 1000 - m["createdUnixMs"]), round(b * 1000 - m["createdUnixMs"]),
-      round(100 * live / max(m["checkpointBytes"], 1)))
+      round(100 * live / max(m["checkpointBytes"], 1)),
+      "/".join("memory" if m.get("checkpointInMemory", {}).get(n) else "disk"
+               for n in ("origin", "destination")))
 PY
     $B t kill -s KILL "$id" >/dev/null 2>&1 || true; sleep 0.3
     for c in "$A" "$B"; do $c t rm -f "$id" >/dev/null 2>&1 || true; $c c rm "$id" >/dev/null 2>&1 || true; done
@@ -240,9 +242,9 @@ PY
 }
 
 HDR='%-7s | %9s %6s %6s | %9s %7s %7s %7s %6s | %7s %5s %7s %7s | %6s %6s | %s\n'
-ROWS=()
+ROWS=() STORES=()
 for size in "${SIZES[@]}"; do
-    cl=() sa=() ra=() rd=() ck=() xf=() rs=() xt=() lv=() fd=() fc=() fr=() fz=() fs=()
+    cl=() sa=() ra=() rd=() ck=() xf=() rs=() xt=() lv=() fd=() fc=() fr=() fz=() fs=() st=()
     warm_memory "$size"
     for rep in $(seq "$REPS"); do
         # Odd runs measure the floor first, even ones the migration (see warm_memory).
@@ -252,8 +254,8 @@ for size in "${SIZES[@]}"; do
                 fd+=("$a"); fc+=("$b"); fr+=("$c"); fz+=("$d"); fs+=($((a + b + c)))
                 log "size=$size rep=$rep floor dump=$a cp=$b restore=$c zstd_mibps=$d"
             else
-                mig_run "$size" "$rep"; read -r a b c d e f g h i <"$W/res"
-                cl+=("$a"); rd+=("$b"); ck+=("$c"); xf+=("$d"); rs+=("$e"); xt+=("$f"); sa+=("$g"); ra+=("$h"); lv+=("$i")
+                mig_run "$size" "$rep"; read -r a b c d e f g h i j <"$W/res"
+                cl+=("$a"); rd+=("$b"); ck+=("$c"); xf+=("$d"); rs+=("$e"); xt+=("$f"); sa+=("$g"); ra+=("$h"); lv+=("$i"); st+=("$j")
             fi
         done
     done
@@ -265,11 +267,13 @@ for size in "${SIZES[@]}"; do
     ROWS+=("$(printf "$HDR" "${size}MiB" "$CL" "$(median "${sa[@]}")" "$(median "${ra[@]}")" "$(median "${rd[@]}")" "$(median "${ck[@]}")" \
         "$(median "${xf[@]}")" "$(median "${rs[@]}")" "$(median "${lv[@]}")" "$(median "${fd[@]}")" "$(median "${fc[@]}")" \
         "$(median "${fr[@]}")" "$FS" "$(median "${xt[@]}")" "$(median "${fz[@]}")" "${goals[*]}")")
+    STORES+=("${size}MiB $(printf '%s\n' "${st[@]}" | sort | uniq -c | awk '{printf "%s x%s ", $2, $1}')")
 done
 echo
 echo "bench-migrate: $(nproc) cores, REPS=$REPS, times in ms (median), MiB/s of uncompressed bytes"
 printf "$HDR" "" "client" "froze" "ran" "record" "" "" "" "" "floor" "" "" "" "MiB/s" "" ""
 printf "$HDR" "memory" "downtime" "at" "at" "downtime" "ckpt" "xfer" "restore" "live %" "dump" "cp" "restore" "sum" "xfer" "zstd" "goals"
 printf '%s\n' "${ROWS[@]}"
+echo "checkpoints written (origin/destination; README \"Checkpoints in memory\"): $(IFS=';'; echo "${STORES[*]}")"
 echo "raw runs: $W/runs.log$([ -n "${KEEP:-}" ] || echo ' (removed at exit; KEEP=1 keeps it)')"
 [ -n "${KEEP:-}" ] || cat "$W/runs.log" >&2

@@ -736,3 +736,37 @@ fn transient_checkpoints_go_to_memory_when_they_fit_and_replace_across_roots() {
     let plain = f.store.begin_transient(&f.identity, 1).unwrap();
     assert!(!plain.in_memory());
 }
+
+/// On a real tmpfs too small for the checkpoint (64 KiB), a transient checkpoint goes to
+/// disk; one that fits goes to the tmpfs.
+#[test]
+fn a_memory_root_without_room_sends_the_checkpoint_to_disk() {
+    if common::skip_unless_root("a_memory_root_without_room_sends_the_checkpoint_to_disk") {
+        return;
+    }
+    let f = fixture();
+    let tiny = f.tmp.path().join("tiny");
+    fs::create_dir(&tiny).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+        .arg(&tiny)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount a tmpfs at {}", tiny.display());
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(tiny.clone());
+    let store = f.store.clone().with_memory(tiny.join("store")).unwrap();
+
+    let big = store.begin_transient(&f.identity, 1 << 20).unwrap();
+    assert!(!big.in_memory(), "1 MiB does not fit in a 64 KiB tmpfs");
+    assert!(big.dir().starts_with(f.store.root()));
+    drop(big);
+    let small = store.begin_transient(&f.identity, 4096).unwrap();
+    assert!(small.in_memory());
+    assert!(small.dir().starts_with(&tiny));
+}

@@ -448,6 +448,7 @@ impl NodeAgent {
             container: id.to_string(),
             bytes: checkpoint.files().iter().map(|f| f.size).sum(),
             files: checkpoint.files().len(),
+            in_memory: self.store.in_memory(checkpoint.dir()),
         })
     }
 

@@ -581,7 +581,11 @@ impl Controller {
                 .await
                 .map_err(|e| e.to_string())?;
             let bytes = summaries.iter().map(|s| s.bytes).sum();
-            self.update(id, |m| m.checkpoint_bytes = bytes);
+            let in_memory = !summaries.is_empty() && summaries.iter().all(|s| s.in_memory);
+            self.update(id, |m| {
+                m.checkpoint_bytes = bytes;
+                m.checkpoint_in_memory.origin = in_memory;
+            });
             self.advance(id, Phase::Transferring);
             self.persist_or_warn(id);
             Ok::<_, String>(())
@@ -599,6 +603,7 @@ impl Controller {
         self.update(id, |m| {
             m.bytes_transferred = sent.wire_bytes;
             m.bytes_sent_while_checkpointing = sent.live_bytes;
+            m.checkpoint_in_memory.destination = sent.in_memory;
         });
         self.advance(id, Phase::Restoring);
         self.persist_before(id, "the restore")?;

@@ -186,11 +186,24 @@ pub struct Migration {
     /// the frozen origin (see [`crate::pages`]).
     #[serde(default)]
     pub post_copy: bool,
+    /// Whether the checkpoint was written in memory rather than on disk, on each node (every
+    /// container's; see the README, "Checkpoints in memory").
+    #[serde(default)]
+    pub checkpoint_in_memory: InMemory,
     /// Kubernetes mode: the Deployment, its old and new pods, the steps taken.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes: Option<crate::kube::KubeReport>,
     #[serde(skip)]
     clock: Clock,
+}
+
+/// Where a migration's checkpoint was written, node by node: in memory (true) or on disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InMemory {
+    /// On the origin.
+    pub origin: bool,
+    /// On the destination.
+    pub destination: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -240,6 +253,7 @@ impl Migration {
             created_unix_ms,
             checkpoint_bytes: 0,
             post_copy: false,
+            checkpoint_in_memory: InMemory::default(),
             bytes_transferred: 0,
             bytes_sent_while_checkpointing: 0,
             timings: vec![PhaseTiming {

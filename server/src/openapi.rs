@@ -58,6 +58,8 @@ pub fn document() -> Value {
                     "warnings": {"type": "array", "items": {"type": "string"}},
                     "destinationRunning": {"type": "boolean", "description": "the destination reported the workload running"},
                     "postCopy": {"type": "boolean", "description": "a post-copy migration"},
+                    "checkpointInMemory": {"type": "object", "description": "whether the checkpoint was written in the node's checkpoint store in memory (tmpfs) rather than on disk, on each node", "properties": {
+                        "origin": {"type": "boolean"}, "destination": {"type": "boolean"}}},
                     "kubernetes": kubernetes_report}},
                 "Node": {"type": "object", "properties": {
                     "name": {"type": "string"}, "address": {"type": "string"}, "registered_unix": {"type": "integer"}}}

@@ -93,6 +93,10 @@ pub struct CheckpointSummary {
     pub bytes: u64,
     /// Number of files.
     pub files: usize,
+    /// Whether it was written in the node's checkpoint store in memory (see
+    /// `mig_checkpoint::Store::begin_transient`).
+    #[serde(default)]
+    pub in_memory: bool,
 }
 
 /// Byte counts of a transfer.
@@ -105,6 +109,9 @@ pub struct TransferSummary {
     /// Of `raw_bytes`, those sent while the checkpoint was being written.
     #[serde(default)]
     pub live_bytes: u64,
+    /// Whether the destination wrote every checkpoint in its store in memory.
+    #[serde(default)]
+    pub in_memory: bool,
 }
 
 /// What an agent did, for the migration record.

@@ -119,7 +119,10 @@ impl NodeAgent {
             "{}/agent/v1/receive/{migration}",
             destination.trim_end_matches('/')
         );
-        let mut total = TransferSummary::default();
+        let mut total = TransferSummary {
+            in_memory: !containers.is_empty(),
+            ..TransferSummary::default()
+        };
         let started = std::time::Instant::now();
         for id in containers {
             let id = safe("container id", id)?;
@@ -159,9 +162,10 @@ impl NodeAgent {
             };
             let hint = self.memory_hint(&source).await;
             let info = self.saved_info(&migration, &identity)?;
-            let stats = self
+            let (stats, received) = self
                 .stream_checkpoint(http, token, &url, source, info, hint, &format!("{id}"))
                 .await?;
+            total.in_memory &= received.in_memory;
             info!(container_id = %id, raw = stats.raw_bytes, wire = stats.wire_bytes,
                   live = stats.live_bytes, stored = stats.stored_bytes, elapsed_ms = started.elapsed().as_millis() as u64,
                   "checkpoint sent");
@@ -230,7 +234,7 @@ impl NodeAgent {
         info: ContainerInfo,
         memory_hint: Option<u64>,
         what: &str,
-    ) -> Result<StreamStats, AgentError> {
+    ) -> Result<(StreamStats, TransferSummary), AgentError> {
         let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(SEND_DEPTH);
         let level = self.config.zstd_level;
         let cancel = CancellationToken::new();
@@ -300,7 +304,10 @@ impl NodeAgent {
                 "destination refused the checkpoint of {what} ({status}): {message}"
             )));
         }
-        Ok(encoded?)
+        let stats = encoded?;
+        // What the destination says it did; an older one may not say (all defaults).
+        let received = response.json::<TransferSummary>().await.unwrap_or_default();
+        Ok((stats, received))
     }
 
     /// Receives one checkpoint stream for `migration` into the store and records the
@@ -338,6 +345,7 @@ impl NodeAgent {
             raw_bytes: received.stats.raw_bytes,
             wire_bytes: received.stats.wire_bytes,
             live_bytes: received.stats.live_bytes,
+            in_memory: self.store.in_memory(received.checkpoint.dir()),
         })
     }
 

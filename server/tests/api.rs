@@ -91,8 +91,11 @@ impl FakeContainerd {
         self.with(|s| s.calls.clone())
     }
 
+    /// The node's store, with its root in memory as the agent's (a plain directory here).
     fn store(&self) -> Store {
-        Store::open(self.state_dir.join("checkpoints")).expect("store")
+        Store::open(self.state_dir.join("checkpoints"))
+            .and_then(|s| s.with_memory(self.state_dir.join("memory")))
+            .expect("store")
     }
 
     /// The shim's post-copy checkpoint: one without pages, the task left running (frozen),
@@ -260,9 +263,13 @@ impl Containerd for FakeContainerd {
                     message: "criu dump failed".into(),
                 });
             }
-            let writer = self.store().begin(&identity).expect("begin");
-            let images = writer.images_dir().expect("images");
+            // As the shim does for a migration: in memory where there is room.
             let len = self.with(|s| s.payload_len);
+            let writer = self
+                .store()
+                .begin_transient(&identity, len as u64)
+                .expect("begin");
+            let images = writer.images_dir().expect("images");
             std::fs::write(images.join("pages-1.img"), noise(len)).expect("write");
             writer
                 .commit(EngineInfo::new("criu", "4.2.1"), "busybox")
@@ -416,7 +423,7 @@ async fn agent(
             runtime: RUNTIME.into(),
             zstd_level: 1,
             wait_timeout: Duration::from_secs(5),
-            memory_dir: None,
+            memory_dir: Some(dir.path().join("memory")),
         },
         fake.clone(),
     )
@@ -553,6 +560,11 @@ fn counter_to(dest: &str) -> Value {
     json!({"deployment": "counter", "originNode": "node01", "destNode": dest})
 }
 
+/// Neither of the node's checkpoint stores (on disk, in memory) holds anything.
+fn no_checkpoint(state: &Path) -> bool {
+    dir_is_empty(&state.join("checkpoints")) && dir_is_empty(&state.join("memory"))
+}
+
 fn dir_is_empty(dir: &Path) -> bool {
     std::fs::read_dir(dir)
         .map(|mut d| d.next().is_none())
@@ -585,6 +597,13 @@ async fn migrates_and_cleans_up(c: Cluster) {
     assert_eq!(c.dest.status("counter"), Some(Some(TaskStatus::Running)));
     assert_eq!(c.origin.status("counter"), None, "still on the origin");
     assert_eq!(m["postCopy"], false, "{m}");
+    // The fake shim writes in memory, as the shim does for a migration with room for it; so
+    // did the destination.
+    assert_eq!(
+        m["checkpointInMemory"],
+        json!({"origin": true, "destination": true}),
+        "{m}"
+    );
     let marks = c.origin.with(|s| s.marks.clone());
     assert_eq!(marks.len(), 1, "{marks:?}");
     assert!(marks[0].get("post_copy").is_none(), "{marks:?}");
@@ -690,7 +709,7 @@ async fn a_failed_origin_cleanup_is_a_warning_after_finishing() {
         "rolled back: {:?}",
         c.origin.calls()
     );
-    assert!(!dir_is_empty(&c.origin.state_dir.join("checkpoints")));
+    assert!(!no_checkpoint(&c.origin.state_dir));
     // The container went after all (the delete landed, its answer did not).
     c.origin.with(|s| {
         s.fail_delete_container = false;
@@ -700,7 +719,7 @@ async fn a_failed_origin_cleanup_is_a_warning_after_finishing() {
     let (s, report) = c.agent_call(&c.origin_url, "finish", req).await;
     assert_eq!(s, 200, "{report}");
     assert_eq!(report["done"], json!(["counter already gone from node01"]));
-    assert!(dir_is_empty(&c.origin.state_dir.join("checkpoints")));
+    assert!(no_checkpoint(&c.origin.state_dir));
 }
 
 #[tokio::test]
@@ -937,7 +956,7 @@ async fn destination_dying_mid_transfer_rolls_back_on_the_origin() {
     assert!(calls.contains(&"start counter".to_string()), "{calls:?}");
     assert!(m["downtimeMs"].is_u64());
     // The origin's checkpoint was consumed by its restore.
-    assert!(dir_is_empty(&c.origin.state_dir.join("checkpoints")));
+    assert!(no_checkpoint(&c.origin.state_dir));
 }
 
 #[tokio::test]
@@ -959,10 +978,7 @@ async fn restore_failure_cleans_the_destination_and_rolls_back() {
         None,
         "partial container left on destination"
     );
-    assert!(
-        dir_is_empty(&c.dest.state_dir.join("checkpoints")),
-        "partial data left"
-    );
+    assert!(no_checkpoint(&c.dest.state_dir), "partial data left");
     assert!(dir_is_empty(&c.dest.state_dir.join("migrations")));
     assert_eq!(c.origin.status("counter"), Some(Some(TaskStatus::Running)));
 }
@@ -1059,7 +1075,7 @@ async fn a_container_created_ahead_from_another_record_is_refused_when_its_check
     let (s, body) = c.agent_call(&c.dest_url, "abort", req).await;
     assert_eq!(s, 200, "{body}");
     assert_eq!(c.dest.status("counter"), None);
-    assert!(dir_is_empty(&c.dest.state_dir.join("checkpoints")));
+    assert!(no_checkpoint(&c.dest.state_dir));
 }
 
 #[tokio::test]
@@ -1159,7 +1175,7 @@ async fn a_rollback_waits_for_a_checkpoint_the_shim_is_still_writing() {
     assert_eq!(report["restored"], json!(["counter"]), "{report}");
     assert!(c.origin.calls().contains(&"start counter".to_string()));
     assert_eq!(c.origin.status("counter"), Some(Some(TaskStatus::Running)));
-    assert!(dir_is_empty(&c.origin.state_dir.join("checkpoints")));
+    assert!(no_checkpoint(&c.origin.state_dir));
 }
 
 fn post_copy_to(dest: &str) -> Value {
@@ -1214,7 +1230,7 @@ fn assert_resumed_on_origin(c: &Cluster, m: &Value) {
             .any(|call| call.starts_with("start") || call.starts_with("delete-task")),
         "the origin was restarted: {calls:?}"
     );
-    assert!(dir_is_empty(&c.origin.state_dir.join("checkpoints")));
+    assert!(no_checkpoint(&c.origin.state_dir));
     assert!(pages_dir_is_empty(&c.origin));
     assert!(pages_dir_is_empty(&c.dest));
     assert_eq!(c.dest.status("counter"), None, "left on the destination");
@@ -1431,5 +1447,5 @@ async fn a_receive_with_a_bad_memory_hint_is_400_and_stores_nothing() {
         error.contains("x-mig-memory-hint") && error.contains("byte count"),
         "{error}"
     );
-    assert!(dir_is_empty(&c.dest.state_dir.join("checkpoints")));
+    assert!(no_checkpoint(&c.dest.state_dir));
 }

@@ -115,7 +115,7 @@ impl NodeAgent {
             };
             let source = crate::transfer::Source::Complete(self.store.path_for(&id));
             let hint = self.memory_hint(&source).await;
-            let stats = self
+            let (stats, _) = self
                 .stream_checkpoint(http, token, &url, source, info, hint, &format!("{k}"))
                 .await?;
             info!(workload = %k, raw = stats.raw_bytes, wire = stats.wire_bytes, "checkpoint sent");
@@ -159,6 +159,7 @@ impl NodeAgent {
             raw_bytes: received.stats.raw_bytes,
             wire_bytes: received.stats.wire_bytes,
             live_bytes: received.stats.live_bytes,
+            in_memory: self.store.in_memory(received.checkpoint.dir()),
         })
     }
 }
