@@ -227,10 +227,15 @@ fn print_record(m: &Migration) {
     if let Some(d) = m.downtime_ms {
         println!("  downtime       {d} ms");
     }
+    let place = |in_memory: bool| if in_memory { "memory" } else { "disk" };
     println!(
-        "  checkpoint     {}  transferred {}",
+        "  checkpoint     {}  transferred {}  (written to {} on {}, {} on {})",
         human(m.checkpoint_bytes),
-        human(m.bytes_transferred)
+        human(m.bytes_transferred),
+        place(m.checkpoint_in_memory.origin),
+        m.origin_node,
+        place(m.checkpoint_in_memory.destination),
+        m.dest_node
     );
     if let Some(f) = &m.failure {
         println!("  failed in {}: {}", f.phase.as_str(), f.reason);
