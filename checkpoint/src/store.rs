@@ -134,11 +134,10 @@ impl Store {
                 .recursive(true)
                 .mode(0o700)
                 .create(memory)
-                .and_then(|()| Room::of(memory));
-            match room
                 .map_err(|e| e.to_string())
-                .and_then(|r| r.fits(size_hint))
-            {
+                .and_then(|()| private_memory_root(memory))
+                .and_then(|()| Room::of(memory).map_err(|e| e.to_string()));
+            match room.and_then(|r| r.fits(size_hint)) {
                 Ok(()) => {
                     let disk = Some(Store::only(&self.root));
                     let mut writer =
@@ -327,9 +326,59 @@ impl Store {
     }
 }
 
+/// Checks that nobody but this user can swap `memory` or its parent for something else: both
+/// must be real directories (not symlinks) owned by this user and writable by no one else.
+/// The default memory root lies in /dev/shm, which every local user may write to: one who
+/// created `/dev/shm/kubernetes-mig` first could otherwise replace the store with a link to a
+/// directory of theirs and receive the processes' memory.
+fn private_memory_root(memory: &Path) -> std::result::Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid cannot fail and touches no memory of ours.
+    let uid = unsafe { libc::geteuid() };
+    for dir in [Some(memory), memory.parent()].into_iter().flatten() {
+        let meta = dir
+            .symlink_metadata()
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
+        if !meta.is_dir() || meta.uid() != uid || meta.mode() & 0o022 != 0 {
+            return Err(format!(
+                "{} is not a directory of uid {uid} that only it can write (uid {}, mode {:o}): \
+                 another user could replace the checkpoint store",
+                dir.display(),
+                meta.uid(),
+                meta.mode() & 0o7777
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_memory_root_others_can_write_to_is_not_used() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tmp");
+        let shared = dir.path().join("shared");
+        fs::create_dir(&shared).expect("mkdir");
+        let store = Store::open(dir.path().join("disk"))
+            .and_then(|s| s.with_memory(shared.join("store")))
+            .expect("store");
+        let id = WorkloadIdentity::container("default", "a").expect("id");
+        assert!(store.begin_transient(&id, 4096).expect("begin").in_memory());
+        // The parent becomes writable by others (as /dev/shm itself is): disk.
+        fs::set_permissions(&shared, fs::Permissions::from_mode(0o1777)).expect("chmod");
+        let writer = store.begin_transient(&id, 4096).expect("begin");
+        assert!(!writer.in_memory());
+        drop(writer);
+        // A symlink in place of the memory root: disk.
+        fs::set_permissions(&shared, fs::Permissions::from_mode(0o700)).expect("chmod");
+        fs::remove_dir(shared.join("store")).expect("rmdir");
+        std::os::unix::fs::symlink(dir.path(), shared.join("store")).expect("symlink");
+        assert!(private_memory_root(&shared.join("store")).is_err());
+        assert!(!store.begin_transient(&id, 4096).expect("begin").in_memory());
+    }
 
     #[test]
     fn writing_finds_this_workloads_new_temp_dir_only() {

@@ -748,7 +748,7 @@ fn a_memory_root_without_room_sends_the_checkpoint_to_disk() {
     let tiny = f.tmp.path().join("tiny");
     fs::create_dir(&tiny).unwrap();
     let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+        .args(["-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs"])
         .arg(&tiny)
         .status()
         .unwrap();
