@@ -98,9 +98,6 @@ cleanup() {
     if [ -n "${KEEP:-}" ]; then echo "kept $W"; else rm -rf "$W"; fi
     for n in 1 2; do rm -rf "$(memory_dir "$W/node0$n/mig")"; done
 }
-# The nodes' checkpoint stores in memory: the default of mig_checkpoint::room::memory_dir
-# (a directory per state dir: the first 16 hex digits of its path's sha256).
-memory_dir() { echo "/dev/shm/kubernetes-mig/$(printf %s "$1" | sha256sum | cut -c1-16)"; }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 now() { date +%s%N; }

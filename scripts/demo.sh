@@ -30,6 +30,7 @@ cleanup() {
     ip netns del "$NET1" 2>/dev/null; ip netns del "$NET2" 2>/dev/null
     grep -o " ${W}[^ ]*" /proc/self/mountinfo | sort -r | xargs -r -n1 umount -l
     [ -n "${KEEP:-}" ] && echo "kept $W" || rm -rf "$W"
+    for n in 1 2; do rm -rf "$(memory_dir "$W/node0$n/mig")"; done
 }
 trap cleanup EXIT
 

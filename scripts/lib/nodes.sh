@@ -21,6 +21,11 @@ oci_image() {
     rm -rf "$w"
 }
 
+# memory_dir STATE_DIR: the node's checkpoint store in memory, the default of
+# mig_checkpoint::room::memory_dir (a directory per state dir: the first 16 hex digits of the
+# sha256 of its path); remove it when the node is gone, as it lies outside the node's dir.
+memory_dir() { echo "/dev/shm/kubernetes-mig/$(printf %s "$1" | sha256sum | cut -c1-16)"; }
+
 # start_node DIR: a containerd with its root, state, socket (DIR/containerd.sock) and log under
 # DIR, and the shim's state dir at DIR/mig; waits until it answers. Its pid is in NODE_PID.
 # The caller's environment (PATH: which shim) reaches containerd and its shims.
