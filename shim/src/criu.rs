@@ -8,6 +8,19 @@
 //! container: restore 162-178 ms -> 115-152 ms). The method is recorded in the images: a
 //! restore unlocks with the method its dump locked with, whatever its own configuration says.
 //!
+//!
+//! It also keeps CRIU from archiving the masked directories. runc hides each directory of the
+//! spec's `linux.maskedPaths` (`/proc/acpi`, `/sys/firmware`, ...) under an empty read-only
+//! tmpfs, and CRIU dumps every tmpfs with `tar --gzip` and unpacks it on restore: two
+//! programs per mount, 5-25 ms each way (on a 16 MiB container: `/proc/acpi` 28 ms and
+//! `/sys/firmware` 15 ms of a 161 ms restore). The configuration names them external mounts
+//! instead: a dump records their mount point and flags and nothing else; a restore binds the
+//! container's own empty directory ([`MASKED_SOURCE`], mode 0555) there, read-only as the
+//! image says. The container sees the same thing, an empty directory it cannot write to.
+//! runc handles masked files itself (binds of `/dev/null`). A dump that names them can only be
+//! restored with this configuration (CRIU: "No mapping for ... mountpoint"); a restore with it
+//! also takes images dumped without it.
+//!
 //! The facts (version, nftables support) come from running `criu`, ~30 ms each; they are kept
 //! per node in `<state>/criu-facts.json`, keyed by the binary (path, size, mtime) and the boot
 //! (kernel modules may differ), so a container's create does not pay for them again.
@@ -33,6 +46,10 @@ pub const CONFIG_ANNOTATION: &str = "org.criu.config";
 pub const RUNC_DEFAULT_CONFIG: &str = "/etc/criu/runc.conf";
 /// The file, in the container's dir, the shim writes CRIU's configuration to.
 pub const CONFIG_FILE: &str = "criu.conf";
+/// The empty directory, in the container's dir, that a restore binds on each masked directory.
+pub const MASKED_SOURCE: &str = "masked-empty";
+/// What CRIU's images call a masked directory's mount (one source serves them all).
+const MASKED_KEY: &str = "mig-masked";
 const FACTS_FILE: &str = "criu-facts.json";
 
 /// How CRIU locks a container's network during a dump (runtime option `CriuNetworkLock`).
@@ -177,11 +194,30 @@ pub fn chosen_lock(lock: NetworkLock, facts: &Facts) -> Option<&'static str> {
     }
 }
 
+/// The spec's masked paths that are directories under `/proc` or `/sys` (`is_dir` asks the
+/// node: the container sees the node's kernel there) and that CRIU's configuration can name:
+/// absolute, of plain characters.
+fn masked_dirs(spec: &Spec, is_dir: impl Fn(&Path) -> bool) -> Vec<String> {
+    let plain = |p: &str| {
+        p.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/_.-".contains(&b))
+            && !p.split('/').any(|c| c == "..")
+    };
+    let paths = spec.linux().as_ref().and_then(|l| l.masked_paths().clone());
+    paths
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|p| p.starts_with("/proc/") || p.starts_with("/sys/"))
+        .filter(|p| plain(p) && is_dir(Path::new(p)))
+        .collect()
+}
+
 /// Gives the container a CRIU configuration of its own, in `dir`, when it needs one: the
 /// content of runc's default file (which the annotation replaces for this container), plus
-/// the network lock. Leaves the spec alone when the container names its own configuration
-/// (annotation), when CRIU's default lock is wanted, or when runc's default file already
-/// chooses one. Returns whether the spec changed.
+/// the network lock (unless runc's default file already chooses one: the administrator's
+/// choice stands) and the masked directories as external mounts (with their empty source,
+/// made in `dir`). Leaves the spec alone when the container names its own configuration
+/// (annotation), or when there is nothing to add. Returns whether the spec changed.
 pub fn configure(
     spec: &mut Spec,
     dir: &Path,
@@ -189,26 +225,60 @@ pub fn configure(
     facts: &Facts,
     runc_default: &Path,
 ) -> Result<bool> {
+    configure_with(spec, dir, lock, facts, runc_default, |p| p.is_dir())
+}
+
+fn configure_with(
+    spec: &mut Spec,
+    dir: &Path,
+    lock: NetworkLock,
+    facts: &Facts,
+    runc_default: &Path,
+    is_dir: impl Fn(&Path) -> bool,
+) -> Result<bool> {
+    use std::os::unix::fs::PermissionsExt;
     let mut notes = spec.annotations().clone().unwrap_or_default();
     if notes.contains_key(CONFIG_ANNOTATION) {
         return Ok(false);
     }
-    let Some(method) = chosen_lock(lock, facts) else {
-        return Ok(false);
-    };
     let mut text = std::fs::read_to_string(runc_default).unwrap_or_default();
-    if text.lines().any(|l| {
+    let admin_lock = text.lines().any(|l| {
         l.trim_start()
             .trim_start_matches('-')
             .starts_with("network-lock")
-    }) {
+    });
+    let method = chosen_lock(lock, facts).filter(|_| !admin_lock);
+    let source = dir.join(MASKED_SOURCE);
+    let source_text = source.to_str().filter(|s| {
+        !s.is_empty() && !s.contains(|c: char| c.is_whitespace() || "]\"'#".contains(c))
+    });
+    let masked = match source_text {
+        Some(_) => masked_dirs(spec, is_dir),
+        None => Vec::new(),
+    };
+    if method.is_none() && masked.is_empty() {
         return Ok(false);
     }
     if !text.is_empty() && !text.ends_with('\n') {
         text.push('\n');
     }
-    text.push_str(&format!("network-lock {method}\n"));
+    if let Some(method) = method {
+        text.push_str(&format!("network-lock {method}\n"));
+    }
     std::fs::create_dir_all(dir).map_err(Error::io(format!("create {}", dir.display())))?;
+    if let (Some(source_text), false) = (source_text, masked.is_empty()) {
+        std::fs::create_dir_all(&source)
+            .and_then(|()| {
+                std::fs::set_permissions(&source, std::fs::Permissions::from_mode(0o555))
+            })
+            .map_err(Error::io(format!("create {}", source.display())))?;
+        for path in &masked {
+            // Dump: the mount at `path` is external, called MASKED_KEY in the images.
+            // Restore: MASKED_KEY is `source`. Each line is ignored by the other.
+            text.push_str(&format!("external mnt[{path}]:{MASKED_KEY}\n"));
+        }
+        text.push_str(&format!("external mnt[{MASKED_KEY}]:{source_text}\n"));
+    }
     let path = dir.join(CONFIG_FILE);
     std::fs::write(&path, text).map_err(Error::io(format!("write {}", path.display())))?;
     notes.insert(
@@ -222,6 +292,7 @@ pub fn configure(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn facts(nftables: bool) -> Facts {
         Facts {
@@ -319,6 +390,57 @@ mod tests {
         let mut s = spec(serde_json::json!({}));
         assert!(!configure(&mut s, &ctr, NetworkLock::Auto, &facts(true), &default).unwrap());
         assert!(!ctr.join(CONFIG_FILE).exists());
+    }
+
+    #[test]
+    fn masked_directories_become_external_mounts_bound_from_an_empty_dir_of_the_container() {
+        let dir = tempfile::tempdir().unwrap();
+        let none = dir.path().join("absent.conf");
+        let ctr = dir.path().join("ctr");
+        let mut s: Spec = serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2", "root": {"path": "rootfs"},
+            "linux": {"maskedPaths": [
+                "/proc/acpi", "/proc/kcore", "/sys/firmware", "/etc/hidden",
+                "/proc/a]b", "/proc/../etc", "/proc/absent"
+            ]}
+        }))
+        .unwrap();
+        // The node's view: kcore is a file, absent is not there; the rest are directories.
+        let is_dir = |p: &Path| !p.ends_with("kcore") && !p.ends_with("absent");
+        let iptables = NetworkLock::Iptables;
+        assert!(configure_with(&mut s, &ctr, iptables, &facts(true), &none, is_dir).unwrap());
+        let source = ctr.join(MASKED_SOURCE);
+        assert_eq!(
+            std::fs::read_to_string(ctr.join(CONFIG_FILE)).unwrap(),
+            format!(
+                "external mnt[/proc/acpi]:mig-masked\n\
+                 external mnt[/sys/firmware]:mig-masked\n\
+                 external mnt[mig-masked]:{}\n",
+                source.display()
+            ),
+            "only directories under /proc and /sys, of plain names; no lock asked for"
+        );
+        let meta = std::fs::metadata(&source).unwrap();
+        assert!(meta.is_dir());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o555);
+        assert_eq!(std::fs::read_dir(&source).unwrap().count(), 0);
+
+        // With the administrator's lock in runc's default file: kept, and the masks added.
+        let default = dir.path().join("runc.conf");
+        std::fs::write(&default, "network-lock iptables").unwrap();
+        let mut s2: Spec = serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2", "root": {"path": "rootfs"},
+            "linux": {"maskedPaths": ["/proc/acpi"]}
+        }))
+        .unwrap();
+        let auto = NetworkLock::Auto;
+        assert!(configure_with(&mut s2, &ctr, auto, &facts(true), &default, is_dir).unwrap());
+        let text = std::fs::read_to_string(ctr.join(CONFIG_FILE)).unwrap();
+        assert!(
+            text.starts_with("network-lock iptables\nexternal mnt[/proc/acpi]:mig-masked\n"),
+            "{text}"
+        );
+        assert_eq!(text.matches("network-lock").count(), 1, "{text}");
     }
 
     #[test]
