@@ -168,17 +168,26 @@ def started(pid):
     with open(f"/proc/{pid}/stat") as f:
         return int(f.read().rsplit(")", 1)[1].split()[19])
 born = started("self")
+seen, found = {opid}, []
 def restored():
     """bmhog processes created after this poller: the restored one among them. Processes of
-    earlier runs (the floor's, a zombie its init has not reaped yet) are older."""
+    earlier runs (the floor's, a zombie its init has not reaped yet) are older. A process older
+    than the poller is looked at once: the client must not take the CPU the migration runs on
+    (reading every process's comm each 10 ms took ~15% of a core). Younger ones are looked at
+    until they are bmhog: CRIU's restore names its process only at the end."""
     for p in os.listdir("/proc"):
-        if p.isdigit() and p != opid:
+        if p.isdigit() and p not in seen:
             try:
+                if started(p) < born:
+                    seen.add(p)
+                    continue
                 with open(f"/proc/{p}/comm") as f:
-                    if f.read().strip() == "bmhog" and started(p) >= born:
-                        yield p
+                    if f.read().strip() == "bmhog":
+                        seen.add(p)
+                        found.append(p)
             except (OSError, ValueError, IndexError):
                 pass
+    return found
 # The origin's tick is followed for as long as it can be read (CRIU's dump may hide its root
 # for a moment without ending it). The destination is the process created after this poller
 # whose tick is readable and differs from the last one the origin wrote.
