@@ -629,6 +629,60 @@ const COUNTER: &str = "i=0; while :; do i=$((i+1)); echo $i > /count; sleep 0.1;
 /// The common start of the CRIU migration tests: their prerequisites (else a skip with the
 /// reason, and `None`), the busybox image on two nodes (`tls`: serving TLS, see
 /// [`Cluster::start_with`]), and `script` (sh) running on node01 as the workload `counter`.
+/// The masked directories of restored container `id` on `node` (runc's maskedPaths), after
+/// it was dumped and restored several times: still masked, read-only and empty. Those under
+/// /proc are external mounts in CRIU's images (the shim binds an empty directory of the
+/// container's own there, README "CriuNetworkLock"); `/sys/firmware` stays runc's tmpfs.
+fn masked_dirs_stay_masked(node: &Node, id: &str) {
+    let task = node
+        .tasks()
+        .expect("ctr task ls")
+        .into_iter()
+        .find(|t| t.id == id)
+        .expect("the restored task");
+    let mounts = std::fs::read_to_string(format!("/proc/{}/mountinfo", task.pid))
+        .expect("mountinfo of the restored task");
+    let mut checked = vec![("/sys/firmware", false)];
+    if Path::new("/proc/acpi").is_dir() {
+        checked.push(("/proc/acpi", true));
+    } else {
+        eprintln!("this kernel has no /proc/acpi: the external mask is not checked here");
+    }
+    for (path, external) in checked {
+        let lines: Vec<&str> = mounts
+            .lines()
+            .filter(|l| l.split(' ').nth(4) == Some(path))
+            .collect();
+        assert_eq!(
+            lines.len(),
+            1,
+            "{path} is masked once in the restored container:\n{mounts}"
+        );
+        let fields: Vec<&str> = lines[0].split(' ').collect();
+        assert!(
+            fields[5].split(',').any(|o| o == "ro"),
+            "the masked {path} is read-only: {}",
+            lines[0]
+        );
+        assert_eq!(
+            fields[3].ends_with("/masked-empty"),
+            external,
+            "{path} is {} the container's empty directory: {}",
+            if external { "" } else { "not" },
+            lines[0]
+        );
+        let inside = format!("/proc/{}/root{path}", task.pid);
+        let entries = std::fs::read_dir(&inside)
+            .expect("read the masked dir")
+            .count();
+        assert_eq!(entries, 0, "{inside} is empty");
+        assert!(
+            std::fs::write(format!("{inside}/x"), b"x").is_err(),
+            "{inside} cannot be written to"
+        );
+    }
+}
+
 fn counter_cluster(test: &str, tls: bool, script: &str) -> Option<(TestImage, Cluster)> {
     if !prerequisites(test) {
         return None;
@@ -784,6 +838,7 @@ fn migrate_between_two_nodes_with_faults() {
         "counter restarted on the destination: {before} -> {after}"
     );
     assert!(no_containers(&c.a), "still on origin");
+    masked_dirs_stay_masked(&c.b, "counter");
     let incoming = std::fs::read_dir(c.state_b.join("incoming"))
         .map(|d| d.count())
         .unwrap_or(0);

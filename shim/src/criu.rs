@@ -9,15 +9,18 @@
 //! restore unlocks with the method its dump locked with, whatever its own configuration says.
 //!
 //!
-//! It also keeps CRIU from archiving the masked directories. runc hides each directory of the
-//! spec's `linux.maskedPaths` (`/proc/acpi`, `/sys/firmware`, ...) under an empty read-only
-//! tmpfs, and CRIU dumps every tmpfs with `tar --gzip` and unpacks it on restore: two
-//! programs per mount, 5-25 ms each way (on a 16 MiB container: `/proc/acpi` 28 ms and
-//! `/sys/firmware` 15 ms of a 161 ms restore). The configuration names them external mounts
-//! instead: a dump records their mount point and flags and nothing else; a restore binds the
-//! container's own empty directory ([`MASKED_SOURCE`], mode 0555) there, read-only as the
-//! image says. The container sees the same thing, an empty directory it cannot write to.
-//! runc handles masked files itself (binds of `/dev/null`). A dump that names them can only be
+//! It also keeps CRIU from archiving the masked directories under `/proc`. runc hides each
+//! directory of the spec's `linux.maskedPaths` (`/proc/acpi`, `/proc/scsi`, ...) under an
+//! empty read-only tmpfs, and CRIU dumps every tmpfs with `tar --gzip` and unpacks it on
+//! restore: two programs per mount, 5-25 ms each way (`/proc/acpi` took 28 ms of a 161 ms
+//! restore). The configuration names them external mounts instead: a dump records their mount
+//! point and flags and nothing else; a restore binds the container's own empty directory
+//! ([`MASKED_SOURCE`], mode 0555) there, read-only as the image says. The container sees the
+//! same thing, an empty directory it cannot write to. Not under `/sys`: a container's `/sys` is
+//! read-only, and a bind restored under it came back writable from its second dump on (seen
+//! with CRIU 4.2.1), so those stay tmpfs. The shim checks every restore anyway
+//! ([`writable_masks`]) and fails it rather than run a container with a writable mask. runc
+//! handles masked files itself (binds of `/dev/null`). A dump that names them can only be
 //! restored with this configuration (CRIU: "No mapping for ... mountpoint"); a restore with it
 //! also takes images dumped without it.
 //!
@@ -194,9 +197,9 @@ pub fn chosen_lock(lock: NetworkLock, facts: &Facts) -> Option<&'static str> {
     }
 }
 
-/// The spec's masked paths that are directories under `/proc` or `/sys` (`is_dir` asks the
-/// node: the container sees the node's kernel there) and that CRIU's configuration can name:
-/// absolute, of plain characters.
+/// The spec's masked paths that are directories under `/proc` (`is_dir` asks the node: the
+/// container sees the node's kernel there) and that CRIU's configuration can name: absolute,
+/// of plain characters.
 fn masked_dirs(spec: &Spec, is_dir: impl Fn(&Path) -> bool) -> Vec<String> {
     let plain = |p: &str| {
         p.bytes()
@@ -207,8 +210,36 @@ fn masked_dirs(spec: &Spec, is_dir: impl Fn(&Path) -> bool) -> Vec<String> {
     paths
         .unwrap_or_default()
         .into_iter()
-        .filter(|p| p.starts_with("/proc/") || p.starts_with("/sys/"))
+        .filter(|p| p.starts_with("/proc/"))
         .filter(|p| plain(p) && is_dir(Path::new(p)))
+        .collect()
+}
+
+/// The masked directories CRIU's configuration at `config` names external (see the module's
+/// doc): none when the file is absent or is not one the shim wrote.
+pub fn external_masks(config: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(config).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.strip_prefix("external mnt[/"))
+        .filter_map(|l| l.strip_suffix(&format!("]:{MASKED_KEY}")))
+        .map(|p| format!("/{p}"))
+        .collect()
+}
+
+/// Which of `masks` is, in the mount table `mountinfo` (`/proc/<pid>/mountinfo`), mounted
+/// without the read-only flag, or not mounted at all.
+pub fn writable_masks(mountinfo: &str, masks: &[String]) -> Vec<String> {
+    masks
+        .iter()
+        .filter(|m| {
+            // The last mount on a point is the one the container sees.
+            let options = mountinfo.lines().rev().find_map(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                (f.get(4) == Some(&m.as_str())).then(|| f.get(5).copied().unwrap_or(""))
+            });
+            !options.is_some_and(|o| o.split(',').any(|x| x == "ro"))
+        })
+        .cloned()
         .collect()
 }
 
@@ -406,6 +437,7 @@ mod tests {
         }))
         .unwrap();
         // The node's view: kcore is a file, absent is not there; the rest are directories.
+        // Only /proc's are named: /sys is read-only in a container, see the module's doc.
         let is_dir = |p: &Path| !p.ends_with("kcore") && !p.ends_with("absent");
         let iptables = NetworkLock::Iptables;
         assert!(configure_with(&mut s, &ctr, iptables, &facts(true), &none, is_dir).unwrap());
@@ -414,12 +446,13 @@ mod tests {
             std::fs::read_to_string(ctr.join(CONFIG_FILE)).unwrap(),
             format!(
                 "external mnt[/proc/acpi]:mig-masked\n\
-                 external mnt[/sys/firmware]:mig-masked\n\
                  external mnt[mig-masked]:{}\n",
                 source.display()
             ),
-            "only directories under /proc and /sys, of plain names; no lock asked for"
+            "only directories under /proc, of plain names; no lock asked for"
         );
+        assert_eq!(external_masks(&ctr.join(CONFIG_FILE)), ["/proc/acpi"]);
+        assert!(external_masks(&dir.path().join("absent")).is_empty());
         let meta = std::fs::metadata(&source).unwrap();
         assert!(meta.is_dir());
         assert_eq!(meta.permissions().mode() & 0o777, 0o555);
@@ -441,6 +474,23 @@ mod tests {
             "{text}"
         );
         assert_eq!(text.matches("network-lock").count(), 1, "{text}");
+    }
+
+    #[test]
+    fn a_mask_that_is_writable_or_missing_after_a_restore_is_found() {
+        let table = "\
+101 100 0:5 / /proc rw,nosuid - proc proc rw
+111 101 254:0 /s/masked-empty /proc/acpi ro,relatime - ext4 /dev/vda rw
+112 101 254:0 /s/masked-empty /proc/scsi rw,relatime - ext4 /dev/vda rw
+113 101 0:9 / /proc/asound rw - tmpfs tmpfs rw
+114 113 254:0 /s/masked-empty /proc/asound ro - ext4 /dev/vda rw
+";
+        let masks = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(writable_masks(table, &masks(&["/proc/acpi", "/proc/asound"])).is_empty());
+        assert_eq!(
+            writable_masks(table, &masks(&["/proc/acpi", "/proc/scsi", "/proc/keys"])),
+            masks(&["/proc/scsi", "/proc/keys"])
+        );
     }
 
     #[test]

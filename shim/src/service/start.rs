@@ -451,7 +451,10 @@ impl Service {
             lazy_pages: lazy,
             ..Default::default()
         };
-        let pid = match c.runtime.restore(&c.id, &c.bundle, &opts, child).await {
+        let restored = c.runtime.restore(&c.id, &c.bundle, &opts, child).await;
+        let restored =
+            restored.and_then(|pid| masks_read_only(&c.id, &c.bundle, pid).map(|()| pid));
+        let pid = match restored {
             Ok(pid) => pid,
             Err(e) => {
                 if let Some(fill) = fill {
@@ -599,4 +602,33 @@ fn own_pid_namespace(bundle: &Path) -> bool {
             nss.iter()
                 .any(|ns| ns.typ() == LinuxNamespaceType::Pid && ns.path().is_none())
         })
+}
+
+/// After a CRIU restore: every masked directory the container's CRIU configuration named
+/// external ([`crate::criu`]) must be read-only in the restored container, or the restore
+/// fails (the caller deletes the container) rather than run with a writable mask.
+fn masks_read_only(id: &str, bundle: &std::path::Path, pid: i32) -> Result<()> {
+    let spec: serde_json::Value = std::fs::read(bundle.join("config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let Some(config) = spec["annotations"][crate::criu::CONFIG_ANNOTATION].as_str() else {
+        return Ok(());
+    };
+    let masks = crate::criu::external_masks(std::path::Path::new(config));
+    if masks.is_empty() {
+        return Ok(());
+    }
+    let table = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).map_err(Error::io(
+        format!("read the mounts of restored container {id}"),
+    ))?;
+    let writable = crate::criu::writable_masks(&table, &masks);
+    if writable.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Other(format!(
+        "container {id}: CRIU restored its masked {} without the read-only flag; \
+         refusing to run it so",
+        writable.join(", ")
+    )))
 }
