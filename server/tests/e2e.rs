@@ -626,9 +626,6 @@ impl Cluster {
 /// The counter of the CRIU migration tests: a number in /count, one more every 100 ms.
 const COUNTER: &str = "i=0; while :; do i=$((i+1)); echo $i > /count; sleep 0.1; done";
 
-/// The common start of the CRIU migration tests: their prerequisites (else a skip with the
-/// reason, and `None`), the busybox image on two nodes (`tls`: serving TLS, see
-/// [`Cluster::start_with`]), and `script` (sh) running on node01 as the workload `counter`.
 /// The masked directories of restored container `id` on `node` (runc's maskedPaths), after
 /// it was dumped and restored several times: still masked, read-only and empty. Those under
 /// /proc are external mounts in CRIU's images (the shim binds an empty directory of the
@@ -683,6 +680,9 @@ fn masked_dirs_stay_masked(node: &Node, id: &str) {
     }
 }
 
+/// The common start of the CRIU migration tests: their prerequisites (else a skip with the
+/// reason, and `None`), the busybox image on two nodes (`tls`: serving TLS, see
+/// [`Cluster::start_with`]), and `script` (sh) running on node01 as the workload `counter`.
 fn counter_cluster(test: &str, tls: bool, script: &str) -> Option<(TestImage, Cluster)> {
     if !prerequisites(test) {
         return None;

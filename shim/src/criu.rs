@@ -8,7 +8,6 @@
 //! container: restore 162-178 ms -> 115-152 ms). The method is recorded in the images: a
 //! restore unlocks with the method its dump locked with, whatever its own configuration says.
 //!
-//!
 //! It also keeps CRIU from archiving the masked directories under `/proc`. runc hides each
 //! directory of the spec's `linux.maskedPaths` (`/proc/acpi`, `/proc/scsi`, ...) under an
 //! empty read-only tmpfs, and CRIU dumps every tmpfs with `tar --gzip` and unpacks it on
@@ -279,15 +278,14 @@ fn configure_with(
             .starts_with("network-lock")
     });
     let method = chosen_lock(lock, facts).filter(|_| !admin_lock);
+    // The empty source, where CRIU's configuration can name it, and the masks it serves.
     let source = dir.join(MASKED_SOURCE);
-    let source_text = source.to_str().filter(|s| {
-        !s.is_empty() && !s.contains(|c: char| c.is_whitespace() || "]\"'#".contains(c))
-    });
-    let masked = match source_text {
-        Some(_) => masked_dirs(spec, is_dir),
-        None => Vec::new(),
-    };
-    if method.is_none() && masked.is_empty() {
+    let masked = source
+        .to_str()
+        .filter(|s| !s.contains(|c: char| c.is_whitespace() || "]\"'#".contains(c)))
+        .map(|text| (text, masked_dirs(spec, is_dir)))
+        .filter(|(_, paths)| !paths.is_empty());
+    if method.is_none() && masked.is_none() {
         return Ok(false);
     }
     if !text.is_empty() && !text.ends_with('\n') {
@@ -297,7 +295,7 @@ fn configure_with(
         text.push_str(&format!("network-lock {method}\n"));
     }
     std::fs::create_dir_all(dir).map_err(Error::io(format!("create {}", dir.display())))?;
-    if let (Some(source_text), false) = (source_text, masked.is_empty()) {
+    if let Some((source_text, masked)) = masked {
         std::fs::create_dir_all(&source)
             .and_then(|()| {
                 std::fs::set_permissions(&source, std::fs::Permissions::from_mode(0o555))

@@ -607,15 +607,13 @@ fn own_pid_namespace(bundle: &Path) -> bool {
 /// After a CRIU restore: every masked directory the container's CRIU configuration named
 /// external ([`crate::criu`]) must be read-only in the restored container, or the restore
 /// fails (the caller deletes the container) rather than run with a writable mask.
-fn masks_read_only(id: &str, bundle: &std::path::Path, pid: i32) -> Result<()> {
-    let spec: serde_json::Value = std::fs::read(bundle.join("config.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default();
-    let Some(config) = spec["annotations"][crate::criu::CONFIG_ANNOTATION].as_str() else {
+fn masks_read_only(id: &str, bundle: &Path, pid: i32) -> Result<()> {
+    let annotations = load_spec(bundle)?.and_then(|spec| spec.annotations().clone());
+    let Some(config) = annotations.and_then(|a| a.get(crate::criu::CONFIG_ANNOTATION).cloned())
+    else {
         return Ok(());
     };
-    let masks = crate::criu::external_masks(std::path::Path::new(config));
+    let masks = crate::criu::external_masks(Path::new(&config));
     if masks.is_empty() {
         return Ok(());
     }
