@@ -47,6 +47,12 @@
 #               writes its checkpoint into each node's store in memory where there is room
 #               (README, "Checkpoints in memory"): MIG_MEMORY_DIR=off in this script's
 #               environment (it reaches the shims and the agents) writes it to disk too.
+#   CPU s       CPU time (user + system) from the migrate command's start to its end (the
+#               restore's lazy page copy included): agent1 and agent2 the mig-server processes of
+#               node01 (origin, and the controller) and node02 (destination); all the whole
+#               machine's (CRIU, shims, containerd, agents, the client; out of nproc x the
+#               migration's duration). What a change saves shows here first: on 2 shared cores
+#               the downtime of a large migration is bound by CPU, not by the network or memory.
 #   MiB/s       xfer: checkpoint bytes (uncompressed) / (ckpt + xfer), the stream's whole
 #               life, as it overlaps the dump: a lower bound of its throughput; zstd: `zstd -1 -T1`
 #               over the floor checkpoint's pages-*.img (the same kind of bytes), from page
@@ -122,6 +128,11 @@ done
 veth_pair "$NET1" "$NET2" mig-bm-a mig-bm-b 10.231.8
 start_agents "$W" "$NS" "$NET1" "$NET2" 10.231.8 ||
     { echo "bench-migrate.sh: the node agents did not register" >&2; exit 1; }
+AGENT1=$(pgrep -f -x "mig-server serve --role all .*--state-dir $W/node01/mig .*")
+AGENT2=$(pgrep -f -x "mig-server serve --role node .*--state-dir $W/node02/mig .*")
+[ -n "$AGENT1" ] && [ -n "$AGENT2" ] || { echo "bench-migrate.sh: cannot find the agents' processes" >&2; exit 1; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }     # user + system, all threads
+busy_ticks() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8}' /proc/stat; } # the machine's
 A="ctr -a $W/node01/containerd.sock -n $NS"
 B="ctr -a $W/node02/containerd.sock -n $NS"
 
@@ -218,17 +229,22 @@ mig_run() { # size rep -> "client_ms record_ms ckpt_ms xfer_ms restore_ms xfer_m
     python3 "$W/poll.py" "$pid" "$W/client-$id" &
     POLLER=$!
     sleep 0.2
+    local cpu0 cpu1
+    cpu0="$(cpu_ticks "$AGENT1") $(cpu_ticks "$AGENT2") $(busy_ticks)"
     out=$(ip netns exec "$NET1" mig-server migrate ${POST_COPY:+--post-copy} --deployment "$id" --from node01 --to node02 --server $SERVER 2>&1) ||
         { echo "bench-migrate.sh: migration of $id failed:" >&2; echo "$out" >&2; exit 1; }
+    cpu1="$(cpu_ticks "$AGENT1") $(cpu_ticks "$AGENT2") $(busy_ticks)"
     wait "$POLLER" || { echo "bench-migrate.sh: the client never saw $id tick on node02" >&2; exit 1; }
     POLLER=
     mid=$(echo "$out" | awk '/accepted/{print $2; exit}')
     rec=$(ip netns exec "$NET1" curl -sf "$SERVER/migrations/$mid")
-    log "size=$size rep=$2 client=$(cat "$W/client-$id") record=$rec"
-    python3 - "$W/client-$id" "$rec" >"$W/res" <<'PY'
+    log "size=$size rep=$2 client=$(cat "$W/client-$id") cpu_ticks=$cpu0/$cpu1 record=$rec"
+    python3 - "$W/client-$id" "$rec" "$cpu0" "$cpu1" "$(getconf CLK_TCK)" >"$W/res" <<'PY'
 import json, sys
 a, b = map(float, open(sys.argv[1]).read().split())
 m = json.loads(sys.argv[2])
+hz = int(sys.argv[5])
+cpu = [(int(y) - int(x)) / hz for x, y in zip(sys.argv[3].split(), sys.argv[4].split())]
 assert m["phase"] == "done", m["phase"]
 d = {t["phase"]: t["duration_ms"] or 0 for t in m["timings"]}
 x = d.get("transferring", 0)
@@ -239,7 +255,8 @@ print(round((b - a) * 1000), m["downtimeMs"], d.get("checkpointing", 0), x, d.ge
       round(a * 1000 - m["createdUnixMs"]), round(b * 1000 - m["createdUnixMs"]),
       round(100 * live / max(m["checkpointBytes"], 1)),
       "/".join("memory" if m.get("checkpointInMemory", {}).get(n) else "disk"
-               for n in ("origin", "destination")))
+               for n in ("origin", "destination")),
+      *(f"{c:.1f}" for c in cpu))
 PY
     $B t kill -s KILL "$id" >/dev/null 2>&1 || true; sleep 0.3
     for c in "$A" "$B"; do $c t rm -f "$id" >/dev/null 2>&1 || true; $c c rm "$id" >/dev/null 2>&1 || true; done
@@ -247,10 +264,10 @@ PY
     for n in 1 2; do rm -rf "$(memory_dir "$W/node0$n/mig")"/* 2>/dev/null || true; done
 }
 
-HDR='%-7s | %9s %6s %6s | %9s %7s %7s %7s %6s | %7s %5s %7s %7s | %6s %6s | %s\n'
+HDR='%-7s | %9s %6s %6s | %9s %7s %7s %7s %6s | %7s %5s %7s %7s | %6s %6s | %6s %6s %6s | %s\n'
 ROWS=() STORES=()
 for size in "${SIZES[@]}"; do
-    cl=() sa=() ra=() rd=() ck=() xf=() rs=() xt=() lv=() fd=() fc=() fr=() fz=() fs=() st=()
+    cl=() co=() cd=() cm=() sa=() ra=() rd=() ck=() xf=() rs=() xt=() lv=() fd=() fc=() fr=() fz=() fs=() st=()
     warm_memory "$size"
     for rep in $(seq "$REPS"); do
         # Odd runs measure the floor first, even ones the migration (see warm_memory).
@@ -260,8 +277,9 @@ for size in "${SIZES[@]}"; do
                 fd+=("$a"); fc+=("$b"); fr+=("$c"); fz+=("$d"); fs+=($((a + b + c)))
                 log "size=$size rep=$rep floor dump=$a cp=$b restore=$c zstd_mibps=$d"
             else
-                mig_run "$size" "$rep"; read -r a b c d e f g h i j <"$W/res"
+                mig_run "$size" "$rep"; read -r a b c d e f g h i j k l m <"$W/res"
                 cl+=("$a"); rd+=("$b"); ck+=("$c"); xf+=("$d"); rs+=("$e"); xt+=("$f"); sa+=("$g"); ra+=("$h"); lv+=("$i"); st+=("$j")
+                co+=("$k"); cd+=("$l"); cm+=("$m")
             fi
         done
     done
@@ -272,13 +290,14 @@ for size in "${SIZES[@]}"; do
     goals+=("<=floor: $([ "$CL" -le "$FS" ] && echo met || echo NOT met)")
     ROWS+=("$(printf "$HDR" "${size}MiB" "$CL" "$(median "${sa[@]}")" "$(median "${ra[@]}")" "$(median "${rd[@]}")" "$(median "${ck[@]}")" \
         "$(median "${xf[@]}")" "$(median "${rs[@]}")" "$(median "${lv[@]}")" "$(median "${fd[@]}")" "$(median "${fc[@]}")" \
-        "$(median "${fr[@]}")" "$FS" "$(median "${xt[@]}")" "$(median "${fz[@]}")" "${goals[*]}")")
+        "$(median "${fr[@]}")" "$FS" "$(median "${xt[@]}")" "$(median "${fz[@]}")" \
+        "$(median "${co[@]}")" "$(median "${cd[@]}")" "$(median "${cm[@]}")" "${goals[*]}")")
     STORES+=("${size}MiB $(printf '%s\n' "${st[@]}" | sort | uniq -c | awk '{printf "%s x%s ", $2, $1}')")
 done
 echo
 echo "bench-migrate: $(nproc) cores, REPS=$REPS, times in ms (median), MiB/s of uncompressed bytes"
-printf "$HDR" "" "client" "froze" "ran" "record" "" "" "" "" "floor" "" "" "" "MiB/s" "" ""
-printf "$HDR" "memory" "downtime" "at" "at" "downtime" "ckpt" "xfer" "restore" "live %" "dump" "cp" "restore" "sum" "xfer" "zstd" "goals"
+printf "$HDR" "" "client" "froze" "ran" "record" "" "" "" "" "floor" "" "" "" "MiB/s" "" "CPU s" "" "" ""
+printf "$HDR" "memory" "downtime" "at" "at" "downtime" "ckpt" "xfer" "restore" "live %" "dump" "cp" "restore" "sum" "xfer" "zstd" "agent1" "agent2" "all" "goals"
 printf '%s\n' "${ROWS[@]}"
 echo "checkpoints written (origin/destination; README \"Checkpoints in memory\"): $(IFS=';'; echo "${STORES[*]}")"
 echo "raw runs: $W/runs.log$([ -n "${KEEP:-}" ] || echo ' (removed at exit; KEEP=1 keeps it)')"

@@ -4,6 +4,9 @@
 //!
 //!   cargo run --release -p mig-server --example stream-throughput [MiB]   (default 256)
 //!
+//! The stores are under `/var/tmp` (disk); `STREAM_DIR=/dev/shm` puts them in memory, as a
+//! migration's checkpoints are where the node has the room (README, "Checkpoints in memory").
+//!
 //! Rows: page images of random bytes (do not compress: stored) and of repeated text
 //! (compress). Columns, MiB/s of checkpoint bytes: send (into `io::sink`), receive (from the
 //! recorded stream in memory, hashing and writing), end to end (both at once, through a socket pair,
@@ -22,7 +25,8 @@ fn main() {
         .nth(1)
         .map(|a| a.parse().expect("size in MiB"))
         .unwrap_or(256);
-    let dir = tempfile::tempdir_in("/var/tmp").expect("temp dir");
+    let base = std::env::var_os("STREAM_DIR").unwrap_or_else(|| "/var/tmp".into());
+    let dir = tempfile::tempdir_in(&base).expect("temp dir");
     println!("stream-throughput: {mib} MiB page image, MiB/s of checkpoint bytes");
     println!(
         "{:<8} | {:>8} {:>8} {:>8} | {:>8} | {:>7}",

@@ -33,9 +33,11 @@
 //! checked to stay inside the checkpoint directory. The sender reads straight from the
 //! checkpoint directory (no second copy on the origin); it hashes what it sends only when the
 //! checkpoint's `verified.json` stamp (written by the shim's commit after hashing) does not
-//! vouch for the files, since the receiver checks every byte anyway. The receiver hashes what
-//! it writes (as it decompresses; a second thread writes) and compares each file with its
-//! manifest entry as soon as the file is complete, so a corrupted stream is refused at the
+//! vouch for the files, since the receiver checks every byte anyway. Neither end copies file
+//! bytes in user space (see [`crate::zframes`]): the sender frames the buffers it read into,
+//! the receiver hashes and writes slices of the chunks the network brought. The receiver
+//! hashes what it writes (as it decodes; a second thread writes) and compares each file with
+//! its manifest entry as soon as the file is complete, so a corrupted stream is refused at the
 //! first bad file and the store's temporary directory is dropped with the writer. The files
 //! are then installed without hashing them again
 //! ([`mig_checkpoint::CheckpointWriter::commit_received_hashed`]) and with a stamp, so the
@@ -46,7 +48,10 @@ use std::fs::{DirBuilder, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use bytes::Bytes;
 
 use mig_checkpoint::{
     Checkpoint, FileEntry, IMAGES_DIR, MANIFEST_FILE, Manifest, Store, WorkloadIdentity,
@@ -54,7 +59,7 @@ use mig_checkpoint::{
 use sha2::{Digest, Sha256};
 
 use crate::containerd::ContainerInfo;
-use crate::zframes::FrameWriter;
+use crate::zframes::{ChunkSource, FrameReader, FrameWriter, ReadChunks, Sink};
 
 const MAGIC: &[u8; 8] = b"MIGSTRM2";
 const TRAILER: &[u8; 4] = b"END1";
@@ -66,11 +71,14 @@ const MAX_INFO_LEN: u32 = 4 << 20;
 const MAX_IDENTITY_LEN: u32 = 64 << 10;
 /// Manifests list a few files each; this bound only stops a hostile length from allocating.
 const MAX_MANIFEST_LEN: u32 = 64 << 20;
-/// Read and write size for file data: few syscalls, and big blocks for zstd. Also the
-/// largest live record.
+/// Read size for file data: few syscalls, and big blocks for zstd. Also the largest live
+/// record.
 const COPY_BUF: usize = 1 << 20;
-/// Buffers in flight between the receiver's decompressing and writing threads.
-const PIPELINE_DEPTH: usize = 4;
+/// Pieces of files in flight between the receiver's decoding and writing threads (at most
+/// one frame's worth each: 128 KiB when stored, 1 MiB when compressed).
+const PIPELINE_DEPTH: usize = 32;
+/// Read buffers the sender keeps for reuse once what it sent from them is gone.
+const POOL_KEEP: usize = 64;
 /// How often the live sender looks for new data when there was none.
 const LIVE_POLL: Duration = Duration::from_millis(2);
 
@@ -135,37 +143,12 @@ pub struct StreamStats {
     pub stored_bytes: u64,
 }
 
-/// Counts bytes going through a reader or writer.
-struct Counting<T> {
-    inner: T,
-    count: u64,
-}
-
-impl<W: Write> Write for Counting<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.count += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-impl<R: Read> Read for Counting<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.count += n as u64;
-        Ok(n)
-    }
-}
-
 /// Streams the complete checkpoint in `dir` with the container record `info` into `out`,
 /// compressed at zstd `level`. Fails if a file no longer matches its manifest entry.
-pub fn send_checkpoint<W: Write>(
+pub fn send_checkpoint<S: Sink>(
     dir: &Path,
     info: &ContainerInfo,
-    out: W,
+    out: S,
     level: i32,
 ) -> Result<StreamStats, StreamError> {
     let checkpoint = Checkpoint::open(dir)?;
@@ -201,10 +184,10 @@ pub struct Follow<'a> {
 /// sent as they grow in the store's temporary directory, the rest once `outcome` says the
 /// checkpoint is committed. Gives up with the reason `outcome` gives for a failure, or at the
 /// deadline.
-pub fn send_checkpoint_live<W: Write>(
+pub fn send_checkpoint_live<S: Sink>(
     follow: Follow<'_>,
     info: &ContainerInfo,
-    out: W,
+    out: S,
     level: i32,
     outcome: &mut dyn FnMut() -> LiveOutcome,
 ) -> Result<StreamStats, StreamError> {
@@ -278,39 +261,86 @@ fn follow_new_page_images(images: &Path, followed: &mut BTreeMap<String, Followe
     }
 }
 
+/// Read buffers, each back in the pool once the last piece sent from it is dropped (written
+/// to the socket): the sender hands what it reads on without copying it, and reuses memory
+/// the kernel has already given it rather than asking for new pages for every read.
+#[derive(Clone, Default)]
+struct BufPool(Arc<Mutex<Vec<Vec<u8>>>>);
+
+/// A buffer of a [`BufPool`] with `len` bytes read into it.
+struct Pooled {
+    buf: Vec<u8>,
+    len: usize,
+    pool: BufPool,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        let mut pool = self.pool.0.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.len() < POOL_KEEP {
+            pool.push(std::mem::take(&mut self.buf));
+        }
+    }
+}
+
+impl BufPool {
+    /// Reads into a buffer of the pool with `read` (given `COPY_BUF` bytes to fill); the bytes
+    /// read, or `None` when there were none.
+    fn read(&self, read: impl FnOnce(&mut [u8]) -> io::Result<usize>) -> io::Result<Option<Bytes>> {
+        let mut buf = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .unwrap_or_else(|| vec![0u8; COPY_BUF]);
+        let len = read(&mut buf)?;
+        if len == 0 {
+            self.0.lock().unwrap_or_else(|e| e.into_inner()).push(buf);
+            return Ok(None);
+        }
+        Ok(Some(Bytes::from_owner(Pooled {
+            buf,
+            len,
+            pool: self.clone(),
+        })))
+    }
+}
+
 /// The sending end: the compressed output and its counters.
-struct Sender<W: Write> {
-    z: FrameWriter<Counting<W>>,
+struct Sender<S: Sink> {
+    z: FrameWriter<S>,
     info_bytes: Vec<u8>,
     identity_bytes: Vec<u8>,
     raw: u64,
     live: u64,
-    buf: Vec<u8>,
+    pool: BufPool,
 }
 
-impl<W: Write> Sender<W> {
+impl<S: Sink> Sender<S> {
     fn start(
         info: &ContainerInfo,
         identity: &WorkloadIdentity,
-        out: W,
+        out: S,
         level: i32,
     ) -> Result<Self, StreamError> {
         let info_bytes = serde_json::to_vec(info)
             .map_err(|e| StreamError::Malformed(format!("cannot encode container record: {e}")))?;
         let identity_bytes = serde_json::to_vec(identity)
             .map_err(|e| StreamError::Malformed(format!("cannot encode identity: {e}")))?;
-        let counting = Counting {
-            inner: out,
-            count: 0,
-        };
-        let z = FrameWriter::new(counting, level).map_err(io_err("start zstd encoder"))?;
+        let z = FrameWriter::new(out, level).map_err(io_err("start zstd encoder"))?;
         let mut s = Self {
             z,
             info_bytes,
             identity_bytes,
             raw: 0,
             live: 0,
-            buf: vec![0u8; COPY_BUF],
+            pool: BufPool::default(),
         };
         s.send(MAGIC)?;
         let (info, identity) = (s.info_bytes.clone(), s.identity_bytes.clone());
@@ -329,13 +359,14 @@ impl<W: Write> Sender<W> {
     fn send_live(&mut self, path: &str, f: &mut Followed) -> Result<bool, StreamError> {
         let mut any = false;
         loop {
-            let n = f
-                .file
-                .read_at(&mut self.buf, f.sent)
-                .map_err(io_err(format!("read {path}")))?;
-            if n == 0 {
+            let Some(data) = self
+                .pool
+                .read(|buf| f.file.read_at(buf, f.sent))
+                .map_err(io_err(format!("read {path}")))?
+            else {
                 return Ok(any);
-            }
+            };
+            let n = data.len();
             let path_len = u16::try_from(path.len())
                 .map_err(|_| StreamError::Malformed(format!("path {path} is too long")))?;
             let mut head = Vec::with_capacity(1 + 2 + path.len() + 8 + 4);
@@ -345,14 +376,41 @@ impl<W: Write> Sender<W> {
             head.extend_from_slice(&f.sent.to_be_bytes());
             head.extend_from_slice(&(n as u32).to_be_bytes());
             self.z.write_all(&head).map_err(io_err("send"))?;
-            let chunk = &self.buf[..n];
-            self.z.write_all(chunk).map_err(io_err("send"))?;
+            self.z.write_bytes(data).map_err(io_err("send"))?;
             f.sent += n as u64;
             self.live += n as u64;
             any = true;
-            if n < self.buf.len() {
+            if n < COPY_BUF {
                 return Ok(any);
             }
+        }
+    }
+
+    /// Sends what `from` reads, feeding `hasher` with every byte, so each file is read exactly
+    /// once and not copied; returns the number of bytes sent.
+    fn send_file(
+        &mut self,
+        from: &mut impl Read,
+        mut hasher: Option<&mut Sha256>,
+    ) -> io::Result<u64> {
+        let mut total = 0u64;
+        loop {
+            let data = self.pool.read(|buf| {
+                loop {
+                    match from.read(buf) {
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        read => return read,
+                    }
+                }
+            })?;
+            let Some(data) = data else {
+                return Ok(total);
+            };
+            if let Some(h) = hasher.as_deref_mut() {
+                h.update(&data);
+            }
+            total += data.len() as u64;
+            self.z.write_bytes(data)?;
         }
     }
 
@@ -396,13 +454,9 @@ impl<W: Write> Sender<W> {
                         file: &f.file,
                         at: f.sent,
                     };
-                    let n = copy_hashing(
-                        &mut (&mut reader).take(rest.saturating_add(1)),
-                        &mut self.z,
-                        None,
-                        &mut self.buf,
-                    )
-                    .map_err(io_err(format!("send {}", entry.path)))?;
+                    let n = self
+                        .send_file(&mut (&mut reader).take(rest.saturating_add(1)), None)
+                        .map_err(io_err(format!("send {}", entry.path)))?;
                     (f.sent + n, None)
                 }
                 None => {
@@ -410,13 +464,12 @@ impl<W: Write> Sender<W> {
                     let file =
                         File::open(&path).map_err(io_err(format!("open {}", path.display())))?;
                     let mut hasher = (!trusted).then(Sha256::new);
-                    let n = copy_hashing(
-                        &mut file.take(entry.size.saturating_add(1)),
-                        &mut self.z,
-                        hasher.as_mut(),
-                        &mut self.buf,
-                    )
-                    .map_err(io_err(format!("send {}", path.display())))?;
+                    let n = self
+                        .send_file(
+                            &mut file.take(entry.size.saturating_add(1)),
+                            hasher.as_mut(),
+                        )
+                        .map_err(io_err(format!("send {}", path.display())))?;
                     (n, hasher.map(|h| hex(&h.finalize())))
                 }
             };
@@ -438,12 +491,11 @@ impl<W: Write> Sender<W> {
             )));
         }
         self.send(TRAILER)?;
+        self.z.flush().map_err(io_err("finish the stream"))?;
         let framed = self.z.stats();
-        let mut counting = self.z.finish().map_err(io_err("finish zstd stream"))?;
-        counting.flush().map_err(io_err("flush"))?;
         Ok(StreamStats {
             raw_bytes: self.raw,
-            wire_bytes: counting.count,
+            wire_bytes: framed.wire,
             live_bytes: self.live,
             stored_bytes: framed.stored,
         })
@@ -518,11 +570,18 @@ pub fn receive_checkpoint<R: Read>(
     memory_hint: Option<u64>,
     accept: impl FnOnce(&ContainerInfo, &Manifest) -> Result<(), String>,
 ) -> Result<Received, StreamError> {
-    let mut counting = Counting {
-        inner: input,
-        count: 0,
-    };
-    let mut z = zstd::Decoder::new(&mut counting).map_err(io_err("start zstd decoder"))?;
+    receive_checkpoint_chunks(ReadChunks::new(input), store, memory_hint, accept)
+}
+
+/// [`receive_checkpoint`] from chunks as they arrive (an HTTP body's): the bytes of stored
+/// frames are hashed and written from the chunks themselves, not copied.
+pub fn receive_checkpoint_chunks(
+    input: impl ChunkSource,
+    store: &Store,
+    memory_hint: Option<u64>,
+    accept: impl FnOnce(&ContainerInfo, &Manifest) -> Result<(), String>,
+) -> Result<Received, StreamError> {
+    let mut z = FrameReader::new(input);
     let mut magic = [0u8; 8];
     read_exact(&mut z, &mut magic, "stream header")?;
     if &magic != MAGIC {
@@ -542,17 +601,12 @@ pub fn receive_checkpoint<R: Read>(
     };
     let dir = writer.dir().to_path_buf();
     let (job_tx, job_rx) = std::sync::mpsc::sync_channel::<Job>(PIPELINE_DEPTH);
-    let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
     let (done_tx, done_rx) = std::sync::mpsc::channel::<io::Result<()>>();
-    for _ in 0..=PIPELINE_DEPTH {
-        let _ = free_tx.send(vec![0u8; COPY_BUF]);
-    }
     let (info, hashed, live) = std::thread::scope(|scope| {
-        scope.spawn(move || write_files(job_rx, free_tx, done_tx));
+        scope.spawn(move || write_files(job_rx, done_tx));
         let mut files = Files {
             dir: &dir,
             jobs: job_tx,
-            free: free_rx,
             done: done_rx,
             open: BTreeMap::new(),
             next: 0,
@@ -579,6 +633,7 @@ pub fn receive_checkpoint<R: Read>(
     if z.read(&mut rest).map_err(io_err("read after trailer"))? != 0 {
         return Err(StreamError::Malformed("data after the trailer".to_string()));
     }
+    let wire_bytes = z.wire_bytes();
     drop(z);
     let manifest_len = std::fs::metadata(dir.join(MANIFEST_FILE))
         .map(|m| m.len())
@@ -590,7 +645,7 @@ pub fn receive_checkpoint<R: Read>(
         checkpoint,
         stats: StreamStats {
             raw_bytes: raw + manifest_len,
-            wire_bytes: counting.count,
+            wire_bytes,
             live_bytes: live,
             stored_bytes: 0,
         },
@@ -600,7 +655,7 @@ pub fn receive_checkpoint<R: Read>(
 /// Live records, then the manifest and the rest of every file; returns the container record,
 /// what was written, as entries, and how many bytes came in live records.
 fn receive_body(
-    z: &mut impl Read,
+    z: &mut FrameReader<impl ChunkSource>,
     files: &mut Files<'_>,
     info_bytes: &[u8],
     identity: &WorkloadIdentity,
@@ -661,8 +716,8 @@ fn receive_body(
 enum Job {
     /// A new file, by number.
     Open(usize, File),
-    /// The next `.2` bytes of file `.0`, in the buffer `.1`.
-    Data(usize, Vec<u8>, usize),
+    /// The next bytes of file `.0`.
+    Data(usize, Bytes),
     /// File `.0` is complete: reply whether it was written.
     Close(usize),
 }
@@ -676,14 +731,14 @@ struct Open {
 
 /// The receiving thread's side of the files: what is open, and the writing thread's channels.
 ///
-/// Two threads: this one reads the network, decompresses and hashes, a second one writes, with
-/// a few 1 MiB buffers going round between them. (Hashing here rather than with the writes
-/// balances the two: decompressing is the cheapest step, and writing into the page cache, new
-/// memory for the kernel, is not cheap on a VM.)
+/// Two threads: this one decodes what the network brought and hashes it, a second one writes
+/// the same pieces (slices of the received chunks for stored frames: nothing is copied in
+/// between). Hashing here rather than with the writes balances the two: decoding is the
+/// cheapest step, and writing into the page cache, new memory for the kernel, is not cheap on
+/// a VM.
 struct Files<'a> {
     dir: &'a Path,
     jobs: std::sync::mpsc::SyncSender<Job>,
-    free: std::sync::mpsc::Receiver<Vec<u8>>,
     done: std::sync::mpsc::Receiver<io::Result<()>>,
     open: BTreeMap<String, Open>,
     next: usize,
@@ -724,34 +779,34 @@ impl Files<'_> {
     /// Reads `len` bytes of file `f` from `z`, hashes and writes them.
     fn receive_data(
         &mut self,
-        z: &mut impl Read,
+        z: &mut FrameReader<impl ChunkSource>,
         f: &mut Open,
         path: &str,
         mut len: u64,
         expected_total: u64,
     ) -> Result<(), StreamError> {
         while len > 0 {
-            let mut buf = self.free.recv().map_err(|_| writer_gone())?;
-            let want = usize::try_from(len).unwrap_or(usize::MAX).min(buf.len());
-            let n = read_full(z, &mut buf[..want]).map_err(io_err(format!("receive {path}")))?;
-            f.hasher.update(&buf[..n]);
-            f.written += n as u64;
-            len -= n as u64;
+            let want = usize::try_from(len).unwrap_or(usize::MAX);
+            let piece = match z.next_piece(want) {
+                Ok(Some(piece)) => piece,
+                Ok(None) => return Err(ended_inside(path, f.written, expected_total)),
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    return Err(ended_inside(path, f.written, expected_total));
+                }
+                Err(e) => return Err(io_err(format!("receive {path}"))(e)),
+            };
+            f.hasher.update(&piece);
+            f.written += piece.len() as u64;
+            len -= piece.len() as u64;
             self.jobs
-                .send(Job::Data(f.id, buf, n))
+                .send(Job::Data(f.id, piece))
                 .map_err(|_| writer_gone())?;
-            if n < want {
-                return Err(StreamError::Malformed(format!(
-                    "stream ended inside {path} after {} of {expected_total} bytes",
-                    f.written
-                )));
-            }
         }
         Ok(())
     }
 
     /// One live record: bytes of a page image while the origin's engine writes it.
-    fn receive_live(&mut self, z: &mut impl Read) -> Result<(), StreamError> {
+    fn receive_live(&mut self, z: &mut FrameReader<impl ChunkSource>) -> Result<(), StreamError> {
         let mut len = [0u8; 2];
         read_exact(z, &mut len, "live record")?;
         let mut path = vec![0u8; u16::from_be_bytes(len) as usize];
@@ -798,7 +853,7 @@ impl Files<'_> {
     /// against the entry once complete.
     fn receive_rest(
         &mut self,
-        z: &mut impl Read,
+        z: &mut FrameReader<impl ChunkSource>,
         entry: &FileEntry,
     ) -> Result<FileEntry, StreamError> {
         let mut f = match self.open.remove(&entry.path) {
@@ -843,11 +898,17 @@ impl Files<'_> {
     }
 }
 
-/// The writing thread of [`receive_checkpoint`]: writes what it is handed, returns the
-/// buffers, and answers each [`Job::Close`] with the file's first write error, if any.
+/// The stream ended inside the file at `path`.
+fn ended_inside(path: &str, written: u64, total: u64) -> StreamError {
+    StreamError::Malformed(format!(
+        "stream ended inside {path} after {written} of {total} bytes"
+    ))
+}
+
+/// The writing thread of [`receive_checkpoint`]: writes what it is handed and answers each
+/// [`Job::Close`] with the file's first write error, if any.
 fn write_files(
     jobs: std::sync::mpsc::Receiver<Job>,
-    free: std::sync::mpsc::Sender<Vec<u8>>,
     done: std::sync::mpsc::Sender<io::Result<()>>,
 ) {
     let mut files: BTreeMap<usize, (File, Option<io::Error>)> = BTreeMap::new();
@@ -856,13 +917,12 @@ fn write_files(
             Job::Open(id, file) => {
                 files.insert(id, (file, None));
             }
-            Job::Data(id, buf, n) => {
+            Job::Data(id, piece) => {
                 if let Some((file, failed @ None)) = files.get_mut(&id)
-                    && let Err(e) = file.write_all(&buf[..n])
+                    && let Err(e) = file.write_all(&piece)
                 {
                     *failed = Some(e);
                 }
-                let _ = free.send(buf);
             }
             Job::Close(id) => {
                 let result = match files.remove(&id) {
@@ -876,20 +936,6 @@ fn write_files(
             }
         }
     }
-}
-
-/// Reads until `buf` is full or the input ends; returns the number of bytes read.
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match r.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(filled)
 }
 
 fn read_exact(r: &mut impl Read, buf: &mut [u8], what: &str) -> Result<(), StreamError> {
@@ -932,30 +978,6 @@ fn write_new(path: &PathBuf, bytes: &[u8]) -> Result<(), StreamError> {
     new_file(path)?
         .write_all(bytes)
         .map_err(io_err(format!("write {}", path.display())))
-}
-
-/// Copies `from` to `to` through `buf`, feeding `hasher` with every byte, so each file is
-/// read (or written) exactly once; returns the number of bytes copied.
-fn copy_hashing(
-    from: &mut impl Read,
-    to: &mut impl Write,
-    mut hasher: Option<&mut Sha256>,
-    buf: &mut [u8],
-) -> io::Result<u64> {
-    let mut total = 0u64;
-    loop {
-        let n = match from.read(buf) {
-            Ok(0) => return Ok(total),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        if let Some(h) = hasher.as_deref_mut() {
-            h.update(&buf[..n]);
-        }
-        to.write_all(&buf[..n])?;
-        total += n as u64;
-    }
 }
 
 #[cfg(test)]

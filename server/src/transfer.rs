@@ -4,7 +4,7 @@
 //! stream, with a small bounded channel so a slow peer slows the reader instead of filling
 //! memory.
 
-use std::io::{self, Write};
+use std::io;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -21,12 +21,16 @@ use crate::auth::Token;
 use crate::containerd::ContainerInfo;
 use crate::protocol::{ErrorBody, TransferSummary};
 use crate::stream::{
-    Follow, LiveOutcome, Received, StreamError, StreamStats, receive_checkpoint, send_checkpoint,
-    send_checkpoint_live,
+    Follow, LiveOutcome, Received, StreamError, StreamStats, receive_checkpoint_chunks,
+    send_checkpoint, send_checkpoint_live,
 };
+use crate::zframes::{ChunkSource, Sink};
 
 /// Chunks handed to the HTTP body; big enough to keep syscalls few.
 const CHUNK: usize = 1024 * 1024;
+/// Pieces smaller than this are gathered into a chunk rather than sent on their own (frame
+/// and block headers; the bytes of stored frames come in pieces of 128 KiB).
+const SMALL_PIECE: usize = 16 << 10;
 /// Sent with a checkpoint stream the origin wrote in memory: its size hint in bytes (see
 /// [`NodeAgent::memory_hint`]).
 pub const MEMORY_HINT_HEADER: &str = "x-mig-memory-hint";
@@ -37,7 +41,9 @@ const SEND_DEPTH: usize = 8;
 /// only when the thread asks for more.
 const RECEIVE_DEPTH: usize = 256;
 
-/// A `Write` that sends full chunks into a channel feeding the request body.
+/// A [`Sink`] feeding the request body through a channel: large pieces go as they are (hyper
+/// writes them to the socket with `writev`, without copying them), small ones are gathered
+/// into chunks first.
 ///
 /// The request can fail while the body stream is still held by the HTTP client (a dead peer),
 /// so nothing would drain the channel; `cancel` unblocks the writer then.
@@ -49,11 +55,22 @@ struct ChannelWriter {
 }
 
 impl ChannelWriter {
+    /// Sends the gathered small pieces.
     fn push(&mut self) -> io::Result<()> {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
+        let chunk = if self.buf.len() < SMALL_PIECE {
+            let chunk = Bytes::copy_from_slice(&self.buf);
+            self.buf.clear();
+            chunk
+        } else {
+            Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)))
+        };
+        self.send(chunk)
+    }
+
+    fn send(&mut self, chunk: Bytes) -> io::Result<()> {
         let closed = || {
             io::Error::new(
                 io::ErrorKind::BrokenPipe,
@@ -70,15 +87,22 @@ impl ChannelWriter {
     }
 }
 
-impl Write for ChannelWriter {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        self.buf.extend_from_slice(data);
+impl Sink for ChannelWriter {
+    fn put(&mut self, piece: Bytes) -> io::Result<()> {
+        if piece.len() < SMALL_PIECE {
+            return self.put_slice(&piece);
+        }
+        self.push()?;
+        self.send(piece)
+    }
+    fn put_slice(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.buf.extend_from_slice(bytes);
         if self.buf.len() >= CHUNK {
             self.push()?;
         }
-        Ok(data.len())
+        Ok(())
     }
-    fn flush(&mut self) -> io::Result<()> {
+    fn flush_sink(&mut self) -> io::Result<()> {
         self.push()
     }
 }
@@ -238,7 +262,7 @@ impl NodeAgent {
         let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(SEND_DEPTH);
         let level = self.config.zstd_level;
         let cancel = CancellationToken::new();
-        let mut out = ChannelWriter {
+        let out = ChannelWriter {
             tx,
             buf: Vec::with_capacity(CHUNK),
             cancel: cancel.clone(),
@@ -246,7 +270,7 @@ impl NodeAgent {
         };
         let encoder = tokio::task::spawn_blocking(move || {
             let stats = match source {
-                Source::Complete(dir) => send_checkpoint(&dir, &info, &mut out, level)?,
+                Source::Complete(dir) => send_checkpoint(&dir, &info, out, level)?,
                 Source::Live {
                     store,
                     identity,
@@ -265,13 +289,9 @@ impl NodeAgent {
                         since,
                         deadline,
                     };
-                    send_checkpoint_live(follow, &info, &mut out, level, &mut outcome)?
+                    send_checkpoint_live(follow, &info, out, level, &mut outcome)?
                 }
             };
-            out.flush().map_err(|source| StreamError::Io {
-                what: "send".into(),
-                source,
-            })?;
             Ok::<_, StreamError>(stats)
         });
         let body = reqwest::Body::wrap_stream(futures_util::stream::unfold(rx, |mut rx| async {
@@ -369,13 +389,10 @@ impl NodeAgent {
                 }
             }
         });
-        let input = ChannelReader {
-            rx,
-            current: Bytes::new(),
-        };
+        let input = ChannelReader { rx };
         let store = self.store.clone();
         let received = tokio::task::spawn_blocking(move || {
-            receive_checkpoint(input, &store, memory_hint, accept)
+            receive_checkpoint_chunks(input, &store, memory_hint, accept)
         })
         .await;
         // Done or failed: what is left of the body is not read.
@@ -389,20 +406,11 @@ impl NodeAgent {
 /// The receiving end of [`NodeAgent::receive_body`]'s pump, read on a blocking thread.
 struct ChannelReader {
     rx: mpsc::Receiver<io::Result<Bytes>>,
-    current: Bytes,
 }
 
-impl io::Read for ChannelReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.current.is_empty() {
-            match self.rx.blocking_recv() {
-                Some(frame) => self.current = frame?,
-                None => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.current.len());
-        buf[..n].copy_from_slice(&self.current.split_to(n));
-        Ok(n)
+impl ChunkSource for ChannelReader {
+    fn next_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        self.rx.blocking_recv().transpose()
     }
 }
 
