@@ -34,8 +34,9 @@ const SMALL_PIECE: usize = 16 << 10;
 /// Sent with a checkpoint stream the origin wrote in memory: its size hint in bytes (see
 /// [`NodeAgent::memory_hint`]).
 pub const MEMORY_HINT_HEADER: &str = "x-mig-memory-hint";
-/// Chunks in flight between the encoder thread and the HTTP client.
-const SEND_DEPTH: usize = 8;
+/// Pieces in flight between the encoder thread and the HTTP client: 128 KiB each for stored
+/// frames, so ~8 MiB.
+const SEND_DEPTH: usize = 64;
 /// Body chunks (as hyper reads them, tens of KiB) the receiver buffers between the connection
 /// and its decoding thread: the connection is read ahead while the thread decodes, instead of
 /// only when the thread asks for more.
