@@ -351,6 +351,10 @@ fn invalid(why: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, why)
 }
 
+fn frame_too_big() -> io::Error {
+    invalid(format!("zstd frame of more than {MAX_FRAME} bytes"))
+}
+
 fn cut_short() -> io::Error {
     io::Error::new(
         io::ErrorKind::UnexpectedEof,
@@ -436,11 +440,13 @@ impl<S: ChunkSource> FrameReader<S> {
         let magic = u32::from_le_bytes(self.take_array(&mut frame)?);
         if magic & 0xFFFF_FFF0 == SKIPPABLE_MAGIC {
             let len = u32::from_le_bytes(self.take_array(&mut frame)?) as usize;
-            let mut left = len;
+            // Taken a block at a time, so a hostile length holds no more than that.
+            let (mut left, mut skipped) = (len, Vec::new());
             while left > 0 {
-                let mut skipped = Vec::new();
-                self.take(left.min(MAX_BLOCK), &mut skipped)?;
-                left -= left.min(MAX_BLOCK);
+                let n = left.min(MAX_BLOCK);
+                self.take(n, &mut skipped)?;
+                skipped.clear();
+                left -= n;
             }
             return Ok(true);
         }
@@ -519,9 +525,7 @@ impl<S: ChunkSource> FrameReader<S> {
             }
             frame_len += 3 + size;
             if frame_len > MAX_FRAME || decoded_len > MAX_FRAME {
-                return Err(invalid(format!(
-                    "zstd frame of more than {MAX_FRAME} bytes"
-                )));
+                return Err(frame_too_big());
             }
             if header & 1 != 0 {
                 break;
@@ -565,9 +569,7 @@ impl<S: ChunkSource> FrameReader<S> {
                     .take(MAX_FRAME as u64 + 1)
                     .read_to_end(&mut data)?;
                 if data.len() > MAX_FRAME {
-                    return Err(invalid(format!(
-                        "zstd frame of more than {MAX_FRAME} bytes"
-                    )));
+                    return Err(frame_too_big());
                 }
                 data
             }
