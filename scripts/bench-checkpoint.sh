@@ -13,8 +13,13 @@
 # of the container created again (`ctr container create`, not timed: the kubelet, and the
 # migration server, create a container before they start it) until the restored task runs.
 # So they include what containerd and ctr cost by themselves (a task: the shim started, its
-# create and start calls); the last column measures that, a plain `ctr task start -d` of a new
-# container of the same image, for comparison. From 64 MiB of pages the shim restores CRIU
+# create and start calls); the "plain start" column measures that, a plain `ctr task start -d`
+# of a new container of the same image, for comparison. The last two columns tell how much
+# of it is containerd's own, with any runtime: a container of the same image started through
+# containerd's own runc shim (`ctr task start -d`, runtime io.containerd.runc.v2, no checkpoint
+# engine) next to the same container made by hand (`runc run -d`, as the floors make theirs),
+# both until the command returns. Their difference is what the shim's figures pay and the
+# floor's do not, whichever shim containerd runs. From 64 MiB of pages the shim restores CRIU
 # checkpoints lazily (shim/src/lazy.rs, CriuLazyPages auto): the program runs again before its
 # memory is all back, but `ctr task start` returns only once every page is in place, so the
 # CRIU restore time here includes the whole fill, as the floor's eager `runc restore` does.
@@ -320,18 +325,43 @@ dmtcp_floor_run() { # size -> "checkpoint_ms restore_ms(container+restart) resta
     echo "$(ms "$t0" "$t1") $(( $(ms "$tr" "$t2") + $(ms "$t3" "$t4") )) $(ms "$tr" "$t2")"
 }
 
-row() { # size engine floor_dump ckpt floor_restore restore plain_start dmtcp_restart
-    printf '%-8s %-6s %14s %10s %7s %14s %12s %7s %12s %14s\n' "${1}MiB" "$2" "$3" "$4" \
-        "$(awk -v a="$4" -v b="$3" 'BEGIN{printf "%.2f", a/(b?b:1)}')" "$5" "$6" \
-        "$(awk -v a="$6" -v b="$5" 'BEGIN{printf "%.2f", a/(b?b:1)}')" "$7" "$8"
+# baseline_run ENGINE -> "runc_run_ms runc_v2_start_ms": a container of ENGINE's image (memhog
+# touching 1 MiB, no checkpoint engine) made by hand with `runc run -d`, and started through
+# containerd's own runc shim with `ctr task start -d`, each until its command returns.
+baseline_run() {
+    local engine=$1 root=$W/rootfs image=docker.io/library/memhog:bench
+    local b="$W/bundle-base" id="base-$1" t0 t1 t2 t3
+    if [ "$engine" = dmtcp ]; then root=$W/rootfs-dyn image=docker.io/library/memhog-dyn:bench; fi
+    floor_bundle "$b" "$root/memhog" 1
+    cp -a "$root/." "$b/rootfs/"
+    sync
+    t0=$(now)
+    runc --root "$W/runc" run -d --bundle "$b" "$id" </dev/null > >(cat >/dev/null) 2>&1
+    t1=$(now)
+    runc --root "$W/runc" delete -f "$id"
+    rm -rf "$b"
+    $CTR c create --runtime io.containerd.runc.v2 "$image" "$id" /memhog 1 >/dev/null 2>&1
+    sync
+    t2=$(now)
+    $CTR t start -d "$id" >/dev/null 2>&1
+    t3=$(now)
+    $CTR t kill -s KILL "$id" >/dev/null 2>&1; sleep 0.3
+    $CTR t rm -f "$id" >/dev/null 2>&1; $CTR c rm "$id" >/dev/null 2>&1
+    echo "$(ms "$t0" "$t1") $(ms "$t2" "$t3")"
 }
 
-printf '\n%-8s %-6s %14s %10s %7s %14s %12s %7s %12s %14s\n' "memory" "engine" "floor dump ms" "ckpt ms" "ratio" "floor rest ms" "restore ms" "ratio" "plain start ms" "dmtcp_restart"
+row() { # size engine floor_dump ckpt floor_restore restore plain_start dmtcp_restart runc_run runc_v2
+    printf '%-8s %-6s %14s %10s %7s %14s %12s %7s %12s %14s %12s %16s\n' "${1}MiB" "$2" "$3" "$4" \
+        "$(awk -v a="$4" -v b="$3" 'BEGIN{printf "%.2f", a/(b?b:1)}')" "$5" "$6" \
+        "$(awk -v a="$6" -v b="$5" 'BEGIN{printf "%.2f", a/(b?b:1)}')" "$7" "$8" "$9" "${10}"
+}
+
+printf '\n%-8s %-6s %14s %10s %7s %14s %12s %7s %12s %14s %12s %16s\n' "memory" "engine" "floor dump ms" "ckpt ms" "ratio" "floor rest ms" "restore ms" "ratio" "plain start ms" "dmtcp_restart" "runc run ms" "runc.v2 start ms"
 ENGINES=(criu)
 [ -z "$DMTCP_DIR" ] || ENGINES+=(dmtcp)
 for size in "${SIZES[@]}"; do
     for engine in "${ENGINES[@]}"; do
-        fd=() fr=() md=() mr=() cr=() hr=()
+        fd=() fr=() md=() mr=() cr=() hr=() br=() bs=()
         warm_memory "$size"
         for rep in $(seq "$REPS"); do
             # Odd runs measure the floor first, even ones the shim (see warm_memory in
@@ -343,11 +373,13 @@ for size in "${SIZES[@]}"; do
                     read -r a b c < <(dmtcp_floor_run "$size"); fd+=("$a"); fr+=("$b"); hr+=("$c")
                 else
                     read -r a b c < <(mig_run "$size" "$engine"); md+=("$a"); mr+=("$b"); cr+=("$c")
+                    read -r a b < <(baseline_run "$engine"); br+=("$a"); bs+=("$b")
                 fi
             done
         done
         row "$size" "$engine" "$(median "${fd[@]}")" "$(median "${md[@]}")" "$(median "${fr[@]}")" \
-            "$(median "${mr[@]}")" "$(median "${cr[@]}")" "$( ((${#hr[@]})) && median "${hr[@]}" || echo -)"
+            "$(median "${mr[@]}")" "$(median "${cr[@]}")" "$( ((${#hr[@]})) && median "${hr[@]}" || echo -)" \
+            "$(median "${br[@]}")" "$(median "${bs[@]}")"
     done
 done
 [ -n "$DMTCP_DIR" ] || echo "dmtcp: not installed here (no registry carries it); its row is skipped"
