@@ -24,6 +24,7 @@ pub mod service;
 pub mod shim;
 pub mod stats;
 pub mod task;
+pub mod tmpfs;
 pub mod workload;
 pub mod writeback;
 

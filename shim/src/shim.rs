@@ -117,6 +117,12 @@ impl Shim for MigShim {
             rootfs.unmount();
         }
         crate::service::unmount_rootfs(&bundle.join("rootfs"));
+        // The container's tmpfs mounts on the node (crate::tmpfs), under its dir.
+        if let Ok(dir) = crate::node::NodeConfig::from_options(&options)
+            .and_then(|node| node.container_dir(&self.namespace, &self.id))
+        {
+            crate::service::unmount_rootfs(&dir.join("tmpfs"));
+        }
         Ok(DeleteResponse {
             exit_status: 137,
             exited_at: Some(timestamp(std::time::SystemTime::now())).into(),

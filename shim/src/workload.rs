@@ -23,6 +23,7 @@ use crate::{
     node::{EngineKind, NodeConfig},
     overlay::Rootfs,
     runc::{CheckpointOpts, Runtime},
+    tmpfs::{self, Tmpfs},
 };
 
 /// The project's annotation prefix; the CRI copies pod annotations matching the runtime's
@@ -43,6 +44,9 @@ pub mod annotation {
 
 /// The file in a containerd checkpoint (`ctr c checkpoint`) that records the engine.
 pub const NATIVE_ENGINE_RECORD: &str = "mig-engine.json";
+/// The dir in a containerd checkpoint that holds the shim's tmpfs mounts ([`crate::tmpfs`]),
+/// one archive each.
+pub const NATIVE_TMPFS_DIR: &str = "mig-tmpfs";
 
 /// How long a DMTCP checkpoint may take before it is reported as failed.
 const DMTCP_CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -102,8 +106,10 @@ pub struct Workload {
     pub image: String,
     /// Its root filesystem, when the shim assembled one.
     pub rootfs: Option<Rootfs>,
-    /// Its carried volumes.
+    /// Its carried volumes (the tmpfs mounts the shim took over among them).
     pub volumes: Vec<Volume>,
+    /// The tmpfs mounts the shim mounts on the node and binds in ([`crate::tmpfs`]).
+    pub tmpfs: Vec<Tmpfs>,
     /// Checkpoint on every SIGTERM/SIGKILL (annotation), not only when marked.
     pub checkpoint_on_stop: bool,
     /// The node it runs on.
@@ -241,6 +247,19 @@ impl Workload {
                 Engine::Dmtcp { install, dirs }
             }
         };
+        let mut volumes = volumes(spec)?;
+        // CRIU archives a tmpfs with `tar --gzip`; DMTCP does not carry them at all.
+        let tmpfs = match kind {
+            EngineKind::Criu => {
+                let taken: Vec<SafeName> = volumes.iter().map(|v| v.name.clone()).collect();
+                tmpfs::plan(spec, &scratch.join("tmpfs"), &taken)
+            }
+            EngineKind::Dmtcp => Vec::new(),
+        };
+        volumes.extend(tmpfs.iter().map(|t| Volume {
+            name: t.name.clone(),
+            source: t.source.clone(),
+        }));
         let mut w = Self {
             image: notes
                 .get(annotation::IMAGE_NAME)
@@ -250,7 +269,8 @@ impl Workload {
                 .get(annotation::CHECKPOINT_ON_STOP)
                 .map(String::as_str)
                 == Some("true"),
-            volumes: volumes(spec)?,
+            volumes,
+            tmpfs,
             identity,
             engine,
             rootfs,
@@ -335,14 +355,15 @@ impl Workload {
     pub fn prepare_spec(&self, spec: &mut Spec, bundle: &Path) -> Result<()> {
         let (install, dirs) = match &self.engine {
             Engine::Criu { facts } => {
-                let changed = criu::configure(
+                let configured = criu::configure(
                     spec,
                     &self.scratch,
                     self.node.criu_network_lock,
                     facts,
                     Path::new(criu::RUNC_DEFAULT_CONFIG),
                 )?;
-                if changed {
+                let rebound = tmpfs::rewrite(spec, &self.tmpfs);
+                if configured || rebound {
                     spec.save(bundle.join("config.json"))
                         .map_err(|e| Error::Other(format!("write the spec: {e}")))?;
                 }
@@ -669,8 +690,31 @@ impl Workload {
         self.mark_native_checkpoint(image_path)
     }
 
-    /// Records in a containerd checkpoint which engine (and version) made it.
+    /// Records in a containerd checkpoint which engine (and version) made it, and adds the
+    /// content of the container's tmpfs mounts, which CRIU left out ([`crate::tmpfs`]).
     pub fn mark_native_checkpoint(&self, image_path: &Path) -> Result<()> {
+        if !self.tmpfs.is_empty() {
+            let dir = image_path.join(NATIVE_TMPFS_DIR);
+            {
+                use std::os::unix::fs::DirBuilderExt;
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(&dir)
+                    .map_err(Error::io(format!("create {}", dir.display())))?;
+            }
+            for t in &self.tmpfs {
+                let tar = dir.join(format!("{}.tar", t.name));
+                mig_checkpoint::pack_tree(&t.source, &tar).map_err(|e| {
+                    Error::Other(format!(
+                        "archive the tmpfs at {} ({}) into {}: {e}",
+                        t.destination.display(),
+                        t.source.display(),
+                        tar.display()
+                    ))
+                })?;
+            }
+        }
         let info = self.engine.info();
         let record = serde_json::json!({"engine": info.name, "version": info.version});
         crate::node::write_private(
@@ -738,8 +782,49 @@ impl Workload {
         }
     }
 
-    /// Removes the shim's own per-container dirs (never containerd's snapshot).
+    /// Mounts the container's tmpfs mounts on the node ([`crate::tmpfs`]) and, for a restore
+    /// from containerd's own checkpoint at `native`, fills them from it. Before the root is
+    /// filled and mounted; on failure nothing stays mounted.
+    pub async fn mount_tmpfs(&self, native: Option<&Path>) -> Result<()> {
+        if self.tmpfs.is_empty() {
+            return Ok(());
+        }
+        let planned = self.tmpfs.clone();
+        let archives = native.map(|n| n.join(NATIVE_TMPFS_DIR));
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            tmpfs::mount_all(&planned)?;
+            let Some(dir) = archives else {
+                return Ok(());
+            };
+            for t in &planned {
+                let tar = dir.join(format!("{}.tar", t.name));
+                if !tar.exists() {
+                    continue;
+                }
+                if let Err(e) = mig_checkpoint::unpack_tree(&tar, &t.source) {
+                    tmpfs::unmount_all(&planned);
+                    return Err(Error::Other(format!(
+                        "unpack {} into {}: {e}",
+                        tar.display(),
+                        t.source.display()
+                    )));
+                }
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| Error::Other(format!("mount the container's tmpfs mounts: {e}")))?
+    }
+
+    /// Unmounts what [`Self::mount_tmpfs`] mounted.
+    pub fn unmount_tmpfs(&self) {
+        tmpfs::unmount_all(&self.tmpfs);
+    }
+
+    /// Removes the shim's own per-container dirs (never containerd's snapshot), unmounting
+    /// the container's tmpfs mounts first.
     pub fn remove_scratch(&self) {
+        self.unmount_tmpfs();
         let _ = std::fs::remove_dir_all(&self.scratch);
     }
 }
@@ -895,6 +980,7 @@ mod tests {
             image: String::new(),
             rootfs: None,
             volumes: vec![],
+            tmpfs: vec![],
             checkpoint_on_stop: false,
             node: NodeConfig {
                 state_dir: dir.into(),

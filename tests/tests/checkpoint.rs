@@ -475,6 +475,65 @@ fn assert_criu_configured(p: &Pair) {
     }
 }
 
+/// Writes into the container's own tmpfs mounts (`/dev/shm`, `/run`), whose content travels
+/// with a checkpoint too (the shim carries it as a volume, shim/src/tmpfs.rs).
+fn write_tmpfs(node: &Node) {
+    node.ctr_ok(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "tw",
+        ID,
+        "sh",
+        "-c",
+        "echo shm-a > /dev/shm/s && echo run-a > /run/r",
+    ])
+    .unwrap();
+}
+
+/// What [`write_tmpfs`] wrote on A is there on B, and both mounts are still tmpfs mounts.
+fn assert_tmpfs_carried(node: &Node) {
+    let out = node
+        .ctr_ok(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "tr",
+            ID,
+            "cat",
+            "/dev/shm/s",
+            "/run/r",
+        ])
+        .unwrap();
+    assert_eq!(
+        out, "shm-a\nrun-a\n",
+        "/dev/shm and /run written on A, read on B"
+    );
+    let info = node
+        .ctr_ok(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "tm",
+            ID,
+            "cat",
+            "/proc/self/mountinfo",
+        ])
+        .unwrap();
+    for dest in ["/dev/shm", "/run"] {
+        let line = info
+            .lines()
+            .find(|l| l.split(' ').nth(4) == Some(dest))
+            .unwrap_or_else(|| panic!("no {dest} mount in the restored container:\n{info}"));
+        let fstype = line.split(" - ").nth(1).and_then(|t| t.split(' ').next());
+        assert_eq!(
+            fstype,
+            Some("tmpfs"),
+            "{dest} in the restored container: {line}"
+        );
+    }
+}
+
 /// Runs the counter on A with checkpoint-on-stop and the volume `vol_a`, then checkpoints it
 /// with a SIGTERM (CRIU); returns the last count it logged.
 fn counter_checkpointed_on_a(p: &Pair, vol_a: &Path) -> u64 {
@@ -573,11 +632,20 @@ fn counter_migrates_through_the_store() {
         "echo from-a > /log.txt",
     ])
     .unwrap();
+    write_tmpfs(&p.a);
 
     let last = checkpoint_on_a(&p, &vol_a, "CRIU", 137);
     let ckpt_a = p.checkpoint(&p.a);
     assert_private(&ckpt_a);
-    for part in ["manifest.json", "images", "rootfs/upper.tar", "volumes"] {
+    // The container's /dev/shm and /run travel as volumes, not in CRIU's images.
+    for part in [
+        "manifest.json",
+        "images",
+        "rootfs/upper.tar",
+        "volumes",
+        "volumes/tmpfs-dev-shm.tar",
+        "volumes/tmpfs-run.tar",
+    ] {
         assert!(
             ckpt_a.join(part).exists(),
             "{} lacks {part}",
@@ -593,6 +661,7 @@ fn counter_migrates_through_the_store() {
         p.b.ctr_ok(&["task", "exec", "--exec-id", "r", ID, "cat", "/log.txt"])
             .unwrap();
     assert_eq!(out, "from-a\n", "/log.txt written on A, read on B");
+    assert_tmpfs_carried(&p.b);
 
     // Still checkpoint-on-stop on B: stopping it checkpoints again, into B's store.
     p.remove(&p.b);
@@ -798,6 +867,7 @@ fn containerd_checkpoint_and_restore() {
         "echo from-a > /log.txt",
     ])
     .unwrap();
+    write_tmpfs(&p.a);
     let deadline = Instant::now() + WAIT;
     while count_in(&p.a).unwrap() < COUNT_BEFORE {
         assert!(Instant::now() < deadline, "the counter does not count");
@@ -883,6 +953,7 @@ fn containerd_checkpoint_and_restore() {
         p.b.ctr_ok(&["task", "exec", "--exec-id", "r", ID, "cat", "/log.txt"])
             .unwrap();
     assert_eq!(out, "from-a\n", "/log.txt written on A, read on B (--rw)");
+    assert_tmpfs_carried(&p.b);
     p.remove(&p.b);
     p.assert_clean();
 }

@@ -129,16 +129,32 @@ impl Service {
         paths: &Paths,
         runtime: Arc<dyn Runtime>,
     ) -> Result<Assembled> {
-        let rootfs = match workload.and_then(|w| w.rootfs.as_ref()) {
+        if let Some(w) = workload {
+            w.mount_tmpfs(native.as_deref()).await?;
+        }
+        let mounted = match workload.and_then(|w| w.rootfs.as_ref()) {
             Some(overlay) => {
                 let w = workload.expect("checked above");
-                w.unpack_pending().await?;
-                overlay.mount(mounts, bundle).await?;
-                None
+                match w.unpack_pending().await {
+                    Ok(()) => overlay.mount(mounts, bundle).await.map(|()| None),
+                    Err(e) => Err(e),
+                }
             }
-            None => mount_rootfs(mounts, bundle).await?,
+            None => mount_rootfs(mounts, bundle).await,
+        };
+        let rootfs = match mounted {
+            Ok(r) => r,
+            Err(e) => {
+                if let Some(w) = workload {
+                    w.unmount_tmpfs();
+                }
+                return Err(e);
+            }
         };
         let unmount_all = |rootfs: &Option<PathBuf>| {
+            if let Some(w) = workload {
+                w.unmount_tmpfs();
+            }
             if let Some(r) = workload.and_then(|w| w.rootfs.as_ref()) {
                 r.unmount();
             }
