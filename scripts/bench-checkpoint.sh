@@ -313,25 +313,15 @@ dmtcp_floor_run() { # size -> "checkpoint_ms restore_ms(container+restart) resta
     rm -rf "$d"
     # The container a restore needs: `runc run -d` of the same root, as CRIU's floor makes
     # its container in `runc restore -d`.
-    local b="$W/bundle-dyn-$size" id="floor-dyn-$size" t3 t4
-    floor_bundle "$b" "$W/rootfs-dyn/memhog" 1
-    cp -a "$W/rootfs-dyn/." "$b/rootfs/"
-    sync
-    t3=$(now)
-    runc --root "$W/runc" run -d --bundle "$b" "$id" </dev/null > >(cat >/dev/null) 2>&1
-    t4=$(now)
-    runc --root "$W/runc" delete -f "$id"
-    rm -rf "$b"
-    echo "$(ms "$t0" "$t1") $(( $(ms "$tr" "$t2") + $(ms "$t3" "$t4") )) $(ms "$tr" "$t2")"
+    local run
+    run=$(runc_run_ms "$W/rootfs-dyn" "floor-dyn-$size")
+    echo "$(ms "$t0" "$t1") $(( $(ms "$tr" "$t2") + run )) $(ms "$tr" "$t2")"
 }
 
-# baseline_run ENGINE -> "runc_run_ms runc_v2_start_ms": a container of ENGINE's image (memhog
-# touching 1 MiB, no checkpoint engine) made by hand with `runc run -d`, and started through
-# containerd's own runc shim with `ctr task start -d`, each until its command returns.
-baseline_run() {
-    local engine=$1 root=$W/rootfs image=docker.io/library/memhog:bench
-    local b="$W/bundle-base" id="base-$1" t0 t1 t2 t3
-    if [ "$engine" = dmtcp ]; then root=$W/rootfs-dyn image=docker.io/library/memhog-dyn:bench; fi
+# runc_run_ms ROOT ID -> ms: `runc run -d` of a container ID whose root is a copy of ROOT
+# (memhog touching 1 MiB), until runc returns; the container is removed afterwards.
+runc_run_ms() {
+    local root=$1 id=$2 b="$W/bundle-$2" t0 t1
     floor_bundle "$b" "$root/memhog" 1
     cp -a "$root/." "$b/rootfs/"
     sync
@@ -340,6 +330,16 @@ baseline_run() {
     t1=$(now)
     runc --root "$W/runc" delete -f "$id"
     rm -rf "$b"
+    ms "$t0" "$t1"
+}
+
+# baseline_run ENGINE -> "runc_run_ms runc_v2_start_ms": a container of ENGINE's image (memhog
+# touching 1 MiB, no checkpoint engine) made by hand with `runc run -d`, and started through
+# containerd's own runc shim with `ctr task start -d`, each until its command returns.
+baseline_run() {
+    local engine=$1 root=$W/rootfs image=docker.io/library/memhog:bench id="base-$1" run t2 t3
+    if [ "$engine" = dmtcp ]; then root=$W/rootfs-dyn image=docker.io/library/memhog-dyn:bench; fi
+    run=$(runc_run_ms "$root" "$id")
     $CTR c create --runtime io.containerd.runc.v2 "$image" "$id" /memhog 1 >/dev/null 2>&1
     sync
     t2=$(now)
@@ -347,7 +347,7 @@ baseline_run() {
     t3=$(now)
     $CTR t kill -s KILL "$id" >/dev/null 2>&1; sleep 0.3
     $CTR t rm -f "$id" >/dev/null 2>&1; $CTR c rm "$id" >/dev/null 2>&1
-    echo "$(ms "$t0" "$t1") $(ms "$t2" "$t3")"
+    echo "$run $(ms "$t2" "$t3")"
 }
 
 row() { # size engine floor_dump ckpt floor_restore restore plain_start dmtcp_restart runc_run runc_v2
