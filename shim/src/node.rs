@@ -246,15 +246,21 @@ fn read_mark<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<
     }
 }
 
+/// Creates `dir` (and its parents) readable by root only.
+pub fn create_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(Error::io(format!("create {}", dir.display())))
+}
+
 /// Writes `data` to `path` atomically, readable by root only.
 pub fn write_private(path: &Path, data: &[u8]) -> Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    use std::os::unix::fs::OpenOptionsExt;
     if let Some(dir) = path.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(Error::io(format!("create {}", dir.display())))?;
+        create_private_dir(dir)?;
     }
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::OpenOptions::new()

@@ -18,9 +18,9 @@
 //! Left as they are: `/dev` (runc fills it with device nodes, which CRIU restores with it),
 //! tmpfs mounts under `/sys` and `/proc` (read-only masks), read-only ones (nothing to carry),
 //! any with an option that is neither a mount flag nor tmpfs's own (runc's `tmpcopyup`, a
-//! propagation mode), and any whose name would clash with a carried volume's. In Kubernetes `/dev/shm` is already
-//! a bind of the pod's shm and the CRI gives containers no `/run`, so this matters mostly
-//! outside Kubernetes.
+//! propagation mode), and any whose name would clash with a carried volume's. In Kubernetes
+//! `/dev/shm` is already a bind of the pod's shm and the CRI gives containers no `/run`, so
+//! this matters mostly outside Kubernetes.
 
 use std::path::{Path, PathBuf};
 
@@ -178,7 +178,7 @@ pub fn mount_all(planned: &[Tmpfs]) -> Result<()> {
 }
 
 fn mount(t: &Tmpfs) -> Result<()> {
-    unmount(&t.source);
+    crate::overlay::unmount(&t.source);
     std::fs::create_dir_all(&t.source)
         .map_err(Error::io(format!("create {}", t.source.display())))?;
     let flags = t
@@ -197,16 +197,11 @@ fn mount(t: &Tmpfs) -> Result<()> {
     })
 }
 
-/// Unmounts each planned tmpfs (its content goes with it).
+/// Unmounts each planned tmpfs (its content goes with it); one not mounted is left alone.
 pub fn unmount_all(planned: &[Tmpfs]) {
     for t in planned {
-        unmount(&t.source);
+        crate::overlay::unmount(&t.source);
     }
-}
-
-fn unmount(dir: &Path) {
-    // Not mounted (never, or already gone) is the usual case on cleanup.
-    let _ = nix::mount::umount2(dir, nix::mount::MntFlags::MNT_DETACH);
 }
 
 #[cfg(test)]

@@ -330,15 +330,7 @@ impl Workload {
         };
         tokio::task::spawn_blocking(move || -> Result<()> {
             for (tar, dest) in jobs {
-                std::fs::create_dir_all(&dest)
-                    .map_err(Error::io(format!("create {}", dest.display())))?;
-                mig_checkpoint::unpack_tree(&tar, &dest).map_err(|e| {
-                    Error::Other(format!(
-                        "unpack {} into {}: {e}",
-                        tar.display(),
-                        dest.display()
-                    ))
-                })?;
+                unpack_into(&tar, &dest)?;
             }
             if let Some((from, to)) = dmtcp_copy {
                 copy_files(&from, &to)?;
@@ -695,14 +687,7 @@ impl Workload {
     pub fn mark_native_checkpoint(&self, image_path: &Path) -> Result<()> {
         if !self.tmpfs.is_empty() {
             let dir = image_path.join(NATIVE_TMPFS_DIR);
-            {
-                use std::os::unix::fs::DirBuilderExt;
-                std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(&dir)
-                    .map_err(Error::io(format!("create {}", dir.display())))?;
-            }
+            crate::node::create_private_dir(&dir)?;
             for t in &self.tmpfs {
                 let tar = dir.join(format!("{}.tar", t.name));
                 mig_checkpoint::pack_tree(&t.source, &tar).map_err(|e| {
@@ -796,21 +781,18 @@ impl Workload {
             let Some(dir) = archives else {
                 return Ok(());
             };
-            for t in &planned {
+            let unpacked = planned.iter().try_for_each(|t| {
                 let tar = dir.join(format!("{}.tar", t.name));
-                if !tar.exists() {
-                    continue;
+                if tar.exists() {
+                    unpack_into(&tar, &t.source)
+                } else {
+                    Ok(())
                 }
-                if let Err(e) = mig_checkpoint::unpack_tree(&tar, &t.source) {
-                    tmpfs::unmount_all(&planned);
-                    return Err(Error::Other(format!(
-                        "unpack {} into {}: {e}",
-                        tar.display(),
-                        t.source.display()
-                    )));
-                }
+            });
+            if unpacked.is_err() {
+                tmpfs::unmount_all(&planned);
             }
-            Ok(())
+            unpacked
         })
         .await
         .map_err(|e| Error::Other(format!("mount the container's tmpfs mounts: {e}")))?
@@ -827,6 +809,18 @@ impl Workload {
         self.unmount_tmpfs();
         let _ = std::fs::remove_dir_all(&self.scratch);
     }
+}
+
+/// Unpacks the archive `tar` (an upper layer or a volume) into `dest`, creating it.
+fn unpack_into(tar: &Path, dest: &Path) -> Result<()> {
+    std::fs::create_dir_all(dest).map_err(Error::io(format!("create {}", dest.display())))?;
+    mig_checkpoint::unpack_tree(tar, dest).map_err(|e| {
+        Error::Other(format!(
+            "unpack {} into {}: {e}",
+            tar.display(),
+            dest.display()
+        ))
+    })
 }
 
 /// How a stop must checkpoint first.

@@ -129,28 +129,6 @@ impl Service {
         paths: &Paths,
         runtime: Arc<dyn Runtime>,
     ) -> Result<Assembled> {
-        if let Some(w) = workload {
-            w.mount_tmpfs(native.as_deref()).await?;
-        }
-        let mounted = match workload.and_then(|w| w.rootfs.as_ref()) {
-            Some(overlay) => {
-                let w = workload.expect("checked above");
-                match w.unpack_pending().await {
-                    Ok(()) => overlay.mount(mounts, bundle).await.map(|()| None),
-                    Err(e) => Err(e),
-                }
-            }
-            None => mount_rootfs(mounts, bundle).await,
-        };
-        let rootfs = match mounted {
-            Ok(r) => r,
-            Err(e) => {
-                if let Some(w) = workload {
-                    w.unmount_tmpfs();
-                }
-                return Err(e);
-            }
-        };
         let unmount_all = |rootfs: &Option<PathBuf>| {
             if let Some(w) = workload {
                 w.unmount_tmpfs();
@@ -160,6 +138,27 @@ impl Service {
             }
             if let Some(root) = rootfs {
                 unmount_rootfs(root);
+            }
+        };
+        let mounted: Result<Option<PathBuf>> = async {
+            if let Some(w) = workload {
+                w.mount_tmpfs(native.as_deref()).await?;
+            }
+            match workload.and_then(|w| w.rootfs.as_ref()) {
+                Some(overlay) => {
+                    workload.expect("checked above").unpack_pending().await?;
+                    overlay.mount(mounts, bundle).await?;
+                    Ok(None)
+                }
+                None => mount_rootfs(mounts, bundle).await,
+            }
+        }
+        .await;
+        let rootfs = match mounted {
+            Ok(r) => r,
+            Err(e) => {
+                unmount_all(&None);
+                return Err(e);
             }
         };
         if let (Some(w), Some(spec)) = (workload, spec)
